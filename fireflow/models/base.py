@@ -1,0 +1,128 @@
+"""What the editor needs from a model family: encode prompts and images, decode, and a velocity.
+
+Every adapter wraps a diffusers ``FluxTransformer2DModel`` (FLUX.1 itself, or the bundled demo
+model), so the feature-reuse processors attach to either unchanged. A new model family is a new
+subclass, not an ``if`` in the editor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from fireflow.schedules import flux_timesteps
+
+
+@dataclass
+class Conditioning:
+    """Everything the transformer takes besides the latents and the time, for one pass."""
+
+    prompt_embeds: torch.Tensor  # [B, S, D], text token sequence
+    pooled_prompt_embeds: torch.Tensor  # [B, P]
+    txt_ids: torch.Tensor  # [S, 3]
+    img_ids: torch.Tensor  # [L, 3]
+    guidance: float | None  # distilled guidance value; None for models without a guidance input
+
+
+class ModelAdapter(ABC):
+    """A concrete model behind the editor. Latents are packed tokens ``[B, L, C]`` in fp32."""
+
+    name: str = "model"
+    #: Apply FLUX's resolution-dependent shift to the time grid.
+    shift: bool = True
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where inputs go: the accelerator even when CPU offload parks the weights elsewhere."""
+        hook = getattr(self.transformer, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        return torch.device(device) if device is not None else self.device
+
+    # ---- text and images -------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(prompt_embeds [B, S, D], pooled_prompt_embeds [B, P])`` on the execution device."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] to packed fp32 latents ``[B, L, C]`` (deterministic)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents to ``[B, 3, H, W]`` in [-1, 1]."""
+
+    @abstractmethod
+    def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
+        """The model's size policy: crop or resize an RGB image to a size it accepts."""
+
+    @abstractmethod
+    def image_ids(self, height: int, width: int) -> torch.Tensor:
+        """Positional ids ``[L, 3]`` of the packed image tokens."""
+
+    def seq_len(self, height: int, width: int) -> int:
+        return self.image_ids(height, width).shape[0]
+
+    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The sampling grid from 1 to 0 for this model and resolution."""
+        return flux_timesteps(num_steps, self.seq_len(height, width), shift=self.shift)
+
+    # ---- the velocity ----------------------------------------------------------------------
+    def conditioning(
+        self,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        height: int,
+        width: int,
+        guidance: float | None,
+    ) -> Conditioning:
+        device = self.execution_device
+        return Conditioning(
+            prompt_embeds=prompt_embeds.to(device, self.dtype),
+            pooled_prompt_embeds=pooled_prompt_embeds.to(device, self.dtype),
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=self.dtype),
+            img_ids=self.image_ids(height, width).to(device, self.dtype),
+            guidance=guidance if self.transformer.config.guidance_embeds else None,
+        )
+
+    def velocity(self, latents: torch.Tensor, t: float, cond: Conditioning) -> torch.Tensor:
+        """One transformer call. Casts the fp32 state to the model dtype at the boundary;
+        the solver casts the result back. The transformer scales ``t`` by 1000 itself."""
+        b = latents.shape[0]
+        device = latents.device
+        timestep = torch.full((b,), t, device=device, dtype=torch.float32)
+        guidance = None
+        if cond.guidance is not None:
+            guidance = torch.full((b,), cond.guidance, device=device, dtype=torch.float32)
+        return self.transformer(
+            hidden_states=latents.to(self.dtype),
+            encoder_hidden_states=_batch(cond.prompt_embeds, b),
+            pooled_projections=_batch(cond.pooled_prompt_embeds, b),
+            timestep=timestep,
+            img_ids=cond.img_ids,
+            txt_ids=cond.txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+
+def _batch(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Broadcast a batch-1 conditioning tensor to ``b`` rows (an inversion shared by many edits)."""
+    if x.shape[0] == b:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(b, *x.shape[1:])
+    raise ValueError(f"conditioning batch {x.shape[0]} does not match latents batch {b}")
