@@ -79,6 +79,10 @@ FAMILIES: dict[str, list[int]] = {
 }
 
 
+#: Source images shipped in ``examples/`` for the README's edit commands.
+EXAMPLE_PROMPTS = ["red heart", "cat face", "grinning face", "red apple", "cloud", "yellow heart"]
+
+
 @dataclass
 class EmojiSet:
     """Rendered emoji: ``images`` uint8 ``[N, H, W, 3]`` on white, and one prompt per image."""
@@ -197,11 +201,36 @@ def save(data: EmojiSet, path: str | os.PathLike = DATA_FILE) -> None:
     os.replace(tmp, path)
 
 
+def render_examples(prompts: list[str], folder: Path, size: int = 128) -> list[Path]:
+    """Write ``<prompt with underscores>.png`` for each prompt, framed like the training set but
+    ``size`` pixels wide (the editor resizes it to the model's 32x32)."""
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(FONT_PATH, FONT_SIZE)
+    chars = {
+        p: c for c, p in (qualified(chr(code)) or ("", "") for codes in FAMILIES.values() for code in codes)
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for prompt in prompts:
+        if prompt not in chars:
+            raise KeyError(f"no emoji named {prompt!r} in the demo families")
+        path = folder / (prompt.replace(" ", "_") + ".png")
+        render(chars[prompt], size, font).save(path)
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Render the demo model's emoji set from Noto Color Emoji.")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=DATA_FILE)
+    parser.add_argument("--examples", type=Path, default=None, help="also write example PNGs here")
     args = parser.parse_args()
+    if args.examples is not None:
+        for path in render_examples(EXAMPLE_PROMPTS, args.examples):
+            print(path)
+        return
     data = build(args.size)
     save(data, args.out)
     counts = {f: data.families.count(f) for f in FAMILIES}

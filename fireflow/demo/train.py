@@ -242,11 +242,15 @@ def main() -> None:
     p.add_argument("--single-layers", type=int, default=8, help="single-stream blocks")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: all cores; 1 on a busy machine)"
+    )
     p.add_argument("--device", default=None)
     args = p.parse_args()
+    # Before any thread pool exists, so every worker thread inherits it: denormals in small Adam
+    # states and activations slow CPUs down severalfold.
+    torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    torch.set_flush_denormal(True)  # denormals in tiny Adam states slow CPUs down badly
     cfg = TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,
