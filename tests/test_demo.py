@@ -74,9 +74,7 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
 
 
 def test_prompt_embeds_fixed_length(adapter):
-    embeds, pooled = adapter.encode_prompt(
-        ["red heart", "smiling face with open eyes and hand over mouth", "x"]
-    )
+    embeds, pooled = adapter.encode_prompt(["red heart", "smiling face with open eyes and hand over mouth", "x"])
     assert embeds.shape == (3, TEXT_LEN, TEXT_DIM) and pooled.shape == (3, TEXT_DIM)
     # Padding carries nothing; pooled vectors have unit RMS; one prompt encodes the same alone.
     assert embeds[2, 3:].abs().max() == 0
@@ -125,9 +123,7 @@ def test_training_loss_decreases_and_resume_is_exact(tmp_path):
         batch_size=8,
         lr=3e-3,
         warmup=1,
-        model=transformer_config(
-            num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8
-        ),
+        model=transformer_config(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8),
     )
     straight = train(tmp_path / "a", tiny, device="cpu")
     assert (tmp_path / "a" / "weights" / "config.json").is_file()
