@@ -20,9 +20,9 @@ from fireflow.models.demo import (
     unpack,
 )
 
-# Measured on the committed weights (FireFlow 8 steps, 18 NFE, the 12 emoji below): see the model
-# card. The threshold leaves a margin of several dB below the measurement.
-RECON_PSNR_MIN = 30.0
+# Measured on the committed weights, the 12 emoji of the test: FireFlow 8 steps 39.1 dB, Euler 9
+# steps 31.5 dB (all emoji: see the model card). The threshold leaves a 4 dB margin.
+RECON_PSNR_MIN = 35.0
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_weights_bundled_small_and_match_config(adapter):
 
 
 def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
-    """The trained model inverts and re-samples its own emoji: FireFlow 8 steps (18 NFE)."""
+    """The trained model inverts and re-samples its own emoji. At 18 NFE FireFlow (8 steps) beats
+    Euler (9 steps) by a wide margin, as the method claims for a near-straight flow."""
     from fireflow.demo.quality import psnr
     from fireflow.solvers import sample
 
@@ -102,17 +103,20 @@ def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
     x0 = adapter.encode_image(pixels)
     embeds, pooled = adapter.encode_prompt([emoji.prompts[i] for i in idx])
     cond = adapter.conditioning(embeds, pooled, RESOLUTION, RESOLUTION, guidance=None)
-    ts = adapter.timesteps(8, RESOLUTION, RESOLUTION)
+
+    def v(x, t):
+        return adapter.velocity(x, t, cond)
+
+    result = {}
     with torch.no_grad():
-
-        def v(x, t):
-            return adapter.velocity(x, t, cond)
-
-        noise = sample(v, x0, ts.flip(0), "fireflow")
-        rec = sample(v, noise, ts, "fireflow")
-    assert noise.std() > 0.5  # it really went to noise and back
-    p = psnr((adapter.decode(rec, RESOLUTION, RESOLUTION) + 1) / 2, (pixels + 1) / 2)
-    assert p.mean() > RECON_PSNR_MIN, p
+        for solver, steps in (("fireflow", 8), ("euler", 9)):
+            ts = adapter.timesteps(steps, RESOLUTION, RESOLUTION)
+            noise = sample(v, x0, ts.flip(0), solver)
+            assert noise.std() > 0.4  # it really went towards noise and back
+            rec = sample(v, noise, ts, solver)
+            result[solver] = psnr((adapter.decode(rec, RESOLUTION, RESOLUTION) + 1) / 2, (pixels + 1) / 2).mean()
+    assert result["fireflow"] > RECON_PSNR_MIN, result
+    assert result["fireflow"] > result["euler"] + 3, result
 
 
 def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
