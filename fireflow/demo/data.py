@@ -2,9 +2,9 @@
 
 ``python -m fireflow.demo.data`` renders the set from Debian's ``fonts-noto-color-emoji`` and
 writes ``emoji32.npz`` beside this file. That file is committed, so that training, tests and the
-quality script need neither the font nor the renderer. Noto Color Emoji is under the SIL Open
-Font Licence 1.1 (the images; the tools are Apache-2.0): the rendered bitmaps are a derivative
-of the font's glyph images and keep that licence.
+quality script need neither the font nor the renderer. Noto Color Emoji (googlefonts/noto-emoji,
+(c) Google) ships its font under the SIL Open Font Licence 1.1, which does not extend to documents
+made with the font such as these bitmaps, and its artwork under Apache-2.0.
 
 Prompts are the CLDR short names, as the ``emoji`` package spells them (``:red_heart:`` ->
 ``"red heart"``), lower-cased.

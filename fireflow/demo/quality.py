@@ -6,7 +6,8 @@
   is the prompt's own emoji the nearest training image (pixel L2)? Top-1 and top-5.
 - **Reconstruction**: every training emoji is inverted and sampled back with its own prompt,
   no injection: FireFlow 8 vs Euler 9 (18 NFE each) vs midpoint 4 and 5 (16 and 20 NFE: the
-  midpoint rule costs 2 per step, so no step count gives 18), FireFlow 15 vs Euler 16 (32 NFE). PSNR and SSIM on [0, 1] images.
+  midpoint rule costs 2 per step, so no step count gives 18), FireFlow 15 vs Euler 16 (32 NFE).
+  PSNR and SSIM on [0, 1] images.
 - **Editing**: for each within-family pair in :data:`EDIT_PAIRS`, edit the source emoji to the
   target prompt at the default settings (8 steps, FireFlow, replace_v in all single blocks) for
   inject 0..3; success when the edited image's nearest training emoji is the target.
