@@ -168,11 +168,12 @@ class FireFlowEditor:
     ) -> tuple[torch.Tensor, int]:
         """One pass of the ODE; returns the end state and the transformer calls it made."""
         calls = 0
-        kwargs = reuse.attention_kwargs if reuse is not None else None
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             nonlocal calls
             calls += 1
+            # Asked per call: the store hands itself to the processors only when this call uses it.
+            kwargs = reuse.attention_kwargs if reuse is not None else None
             return self.adapter.velocity(x, t, cond, kwargs)
 
         x = solvers.sample(
