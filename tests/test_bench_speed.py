@@ -25,7 +25,7 @@ def _by_kind(records: list[dict]) -> dict[str, dict]:
 
 
 def test_tiny_reports_every_field_and_a_small_overhead(tmp_path):
-    argv = [*TINY, "--sizes", "128", "--repeats", "5", "--forwards", "3", "--targets", "2"]
+    argv = [*TINY, "--sizes", "128", "--repeats", "5", "--targets", "2"]
     assert speed.main([*argv, "--out", str(tmp_path), "--tag", "t"]) == 0
     kinds = _by_kind(_records(tmp_path, "t"))
     assert set(kinds) == {"text_encode", "edit", "batched_edit", "vae_encode", "vae_decode"}
@@ -105,3 +105,12 @@ def test_summarize_merges_runs(tmp_path):
     assert {r["kind"] for r in merged} == {"forward", "vae_encode", "vae_decode"}
     md = (tmp_path / "speed.md").read_text()
     assert "| model | config | what |" in md and "vae_decode" in md
+
+
+def test_end_to_end_pipeline_edit(tmp_path):
+    # Image to image through FireFlowEditor.edit on a whole random pipeline; "model" offload is a
+    # no-op without an accelerator, but the option and the fp8 transformer go through the same code.
+    argv = [*TINY, "--parts", "e2e", "--weights", "fp8", "--offload", "model", "--sizes", "64"]
+    assert speed.main([*argv, "--warmup", "0", "--repeats", "1", "--out", str(tmp_path), "--tag", "e"]) == 0
+    (rec,) = _records(tmp_path, "e")
+    assert rec["kind"] == "e2e_edit" and rec["nfe"] == 18 and rec["s"] > 0 and "error" not in rec

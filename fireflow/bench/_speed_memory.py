@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-OFFLOADS = ("none", "group", "group-leaf")
+OFFLOADS = ("none", "group", "group-leaf", "model")  # model: whole components (end-to-end runs only)
 WEIGHTS = ("native", "fp8")  # native: stored in the compute dtype
 QUANTIZE = ("none", "torchao-int8wo", "torchao-fp8wo", "bnb-nf4")
 
@@ -60,6 +60,8 @@ def apply_offload(transformer: torch.nn.Module, offload: str, device: torch.devi
     """
     if offload == "none":
         return
+    if offload == "model":
+        raise ValueError("offload 'model' moves whole pipeline components: use it with --parts e2e")
     if offload not in OFFLOADS:
         raise ValueError(f"unknown offload {offload!r}; accepted: {', '.join(OFFLOADS)}")
     cuda = device.type == "cuda"

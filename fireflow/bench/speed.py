@@ -46,7 +46,8 @@ from fireflow.bench._speed_models import (
 
 NUM_STEPS = 8
 GIB = 2**30
-PARTS = ("edit", "forward", "batched", "vae", "text")
+PARTS = ("edit", "forward", "batched", "vae", "text", "e2e")  # e2e: image to image, on its own
+DEFAULT_PARTS = PARTS[:-1]
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -101,18 +102,24 @@ def measure_pair(
     repeats: int,
     forwards_per_repeat: int,
 ) -> tuple[dict, dict]:
-    """Time the edit and the bare forward interleaved, so that drift (clocks, a busy CPU)
-    affects both sides of ``overhead_ratio`` alike."""
+    """Time the edit and a block of bare forwards in alternation, so that drift (clocks, a busy
+    CPU) touches both sides of ``overhead_ratio`` alike; a forward's time is its block's over the
+    block's size, which also averages out the noise of single short calls."""
     for _ in range(warmup):
         forward()
         edit()
+
+    def forwards() -> None:
+        for _ in range(forwards_per_repeat):
+            forward()
+
     fwd_runs: list[float] = []
     edit_runs: list[float] = []
     fwd_peak: list[float] = []
     edit_peak: list[float] = []
     for _ in range(repeats):
         _reset_peak(device)
-        fwd_runs += [_time_once(forward, device) for _ in range(forwards_per_repeat)]
+        fwd_runs.append(_time_once(forwards, device) / forwards_per_repeat)
         fwd_peak.append(_peak_gib(device) or 0.0)
         _reset_peak(device)
         edit_runs.append(_time_once(edit, device))
@@ -182,7 +189,13 @@ class Workload:
 def _card(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:  # Linux: platform.processor() is often empty
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU: {name}, {torch.get_num_threads()} threads"
 
 
 def _versions() -> dict:
@@ -241,6 +254,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     ]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.forwards is None:
+        # A GPU's timings are steady; a shared CPU's are not, and a block as long as an edit evens them out.
+        args.forwards = 3 if device.type == "cuda" else 2 * solvers.nfe("fireflow", NUM_STEPS)
     parts = set(args.parts)
     sizes = args.sizes or list(spec.sizes)
     common = {
@@ -259,6 +275,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         **_versions(),
     }
     records: list[dict] = []
+    if "e2e" in parts:
+        return records + run_e2e(args, spec, device, dtype, sizes, common)
     text = None
     if "text" in parts:
         text = time_text(spec, device, dtype, args.warmup, args.repeats)
@@ -298,6 +316,43 @@ def run(args: argparse.Namespace) -> list[dict]:
         for size in sizes:
             records += _run_size(editor, vae, spec, size, device, dtype, parts, args, {**common, "attention": backend})
     return records
+
+
+def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, sizes, common: dict) -> list[dict]:
+    """``FireFlowEditor.edit`` on a whole random-weight pipeline: image and prompts in, image out."""
+    from fireflow.bench import _speed_pipeline as pipeline
+    from fireflow.editor import FireFlowEditor
+    from fireflow.models.flux import FluxAdapter
+
+    build_start = time.perf_counter()
+    pipe = pipeline.build_pipeline(spec, device, dtype)
+    try:
+        memory.apply_weights(pipe.transformer, args.weights, dtype)
+        memory.apply_quantization(pipe.transformer, args.quantize)
+    except memory.Unavailable as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return [{**common, "kind": "skipped", "error": str(e)}]
+    pipeline.offload_pipeline(pipe, args.offload, device)
+    editor = FireFlowEditor(FluxAdapter(pipe))
+    if args.compile:
+        _configure_compile()
+    backend = (args.attention_backend or [None])[0]
+    editor.adapter.optimize(compile=args.compile, attention_backend=backend, **_compile_kwargs(args))
+    _free()
+    fraction = memory.limit_memory(device, args.memory_limit_gib)
+    base = {**common, "build_s": time.perf_counter() - build_start, "memory_fraction": fraction, "attention": backend}
+    out = []
+    for size in sizes:
+        image, source, target = pipeline.edit_inputs(size)
+        rec = {**base, "kind": "e2e_edit", "size": size, "tokens": spec.tokens(size)}
+        try:
+            r = measure(lambda a=(image, source, target): editor.edit(*a), device, args.warmup, args.repeats)
+            nfe = 2 * solvers.nfe("fireflow", NUM_STEPS)  # the editor's default steps
+            out.append({**rec, "s": r["s"], "runs": r["runs"], "nfe": nfe, "peak_memory_gib": r["peak_gib"]})
+        except torch.OutOfMemoryError as e:
+            out.append({**rec, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            _free()
+    return out
 
 
 def _compile_kwargs(args: argparse.Namespace) -> dict:
@@ -358,6 +413,9 @@ def _run_size(editor, vae, spec, size, device, dtype, parts, args, common) -> li
             out += _time_vae(vae, spec, size, device, dtype, args, base)
     except torch.OutOfMemoryError as e:
         out.append({**base, "kind": "error", "error": f"out of memory: {str(e).splitlines()[0]}"})
+        _free()
+    except RuntimeError as e:  # e.g. an attention kernel this card or shape does not support
+        out.append({**base, "kind": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
         _free()
     return out
 
@@ -433,7 +491,7 @@ def table(records: list[dict]) -> str:
 def summarize(folder: Path) -> tuple[list[dict], str]:
     """Every record of every ``speed-*.json`` in ``folder``, and their table with the cards and versions."""
     records: list[dict] = []
-    for path in sorted(folder.glob("speed-*.json")):
+    for path in sorted(folder.glob("speed-*.json"), key=lambda p: p.stat().st_mtime):  # in the order run
         records += json.loads(path.read_text())["records"]
     seen = sorted({(r.get("card"), r.get("torch"), r.get("diffusers"), r.get("date", "")[:10]) for r in records})
     lines = [f"- {c}, torch {t}, diffusers {d}, {day}" for c, t, d, day in seen]
@@ -456,11 +514,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", choices=memory.WEIGHTS, default="native", help="fp8: float8 storage, upcast per layer")
     p.add_argument("--quantize", choices=memory.QUANTIZE, default="none")
     p.add_argument("--memory-limit-gib", type=float, help="cap GPU memory to emulate a smaller card")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to time")
+    p.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS), help="what to time (e2e: a whole pipeline)"
+    )
     p.add_argument("--targets", type=int, default=4, help="targets of the batched edit (invert once, edit many)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs (edits); the median is reported")
-    p.add_argument("--forwards", type=int, default=3, help="timed bare forwards per edit run")
+    p.add_argument(
+        "--forwards", type=int, help="bare forwards timed as one block per edit run (default: 3 on a GPU, 18 on a CPU)"
+    )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
     p.add_argument("--tag", help="name of this run's JSON (default: from the options)")
     p.add_argument("--out", type=Path, help="folder for speed-<tag>.json (and speed.md with --summarize)")
