@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Literal
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 CallKind = Literal["start", "midpoint"]
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-CallHook = Callable[["VelocityCall"], ContextManager[object]]
+CallHook = Callable[["VelocityCall"], AbstractContextManager[object]]
 StepCallback = Callable[[int, float, torch.Tensor], None]
 
 
@@ -135,7 +136,8 @@ def sample(
         raise ValueError(f"timesteps needs at least 2 points, got {len(ts)}")
     f = _Stepper(velocity, ts, x.dtype, call_hook)
     desc = progress if isinstance(progress, str) else solver
-    for i, x in enumerate(tqdm(SOLVERS[solver](f, x), total=len(ts) - 1, desc=desc, disable=not progress)):
+    out = x
+    for i, out in enumerate(tqdm(SOLVERS[solver](f, x), total=len(ts) - 1, desc=desc, disable=not progress)):
         if callback is not None:
-            callback(i, ts[i + 1], x)
-    return x
+            callback(i, ts[i + 1], out)
+    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from fireflow.features import ProcessorInstaller
 from fireflow.schedules import flux_timesteps
 
 
@@ -33,9 +34,13 @@ class ModelAdapter(ABC):
     name: str = "model"
     #: Apply FLUX's resolution-dependent shift to the time grid.
     shift: bool = True
+    #: Side of the square image ``generate`` makes when no size is given.
+    default_size: int = 1024
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+        #: Installs the feature-reuse attention processors while edits run (shared, holds no edit state).
+        self.processors = ProcessorInstaller(transformer)
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +78,10 @@ class ModelAdapter(ABC):
     def image_ids(self, height: int, width: int) -> torch.Tensor:
         """Positional ids ``[L, 3]`` of the packed image tokens."""
 
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
     def seq_len(self, height: int, width: int) -> int:
         return self.image_ids(height, width).shape[0]
 
@@ -98,9 +107,12 @@ class ModelAdapter(ABC):
             guidance=guidance if self.transformer.config.guidance_embeds else None,
         )
 
-    def velocity(self, latents: torch.Tensor, t: float, cond: Conditioning) -> torch.Tensor:
+    def velocity(
+        self, latents: torch.Tensor, t: float, cond: Conditioning, attention_kwargs: dict | None = None
+    ) -> torch.Tensor:
         """One transformer call. Casts the fp32 state to the model dtype at the boundary;
-        the solver casts the result back. The transformer scales ``t`` by 1000 itself."""
+        the solver casts the result back. The transformer scales ``t`` by 1000 itself.
+        ``attention_kwargs`` reach the attention processors (an edit's feature store)."""
         b = latents.shape[0]
         device = latents.device
         timestep = torch.full((b,), t, device=device, dtype=torch.float32)
@@ -115,6 +127,7 @@ class ModelAdapter(ABC):
             img_ids=cond.img_ids,
             txt_ids=cond.txt_ids,
             guidance=guidance,
+            joint_attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0]
 

@@ -1,0 +1,5 @@
+import sys
+
+from fireflow.cli import main
+
+sys.exit(main())
