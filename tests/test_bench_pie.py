@@ -13,11 +13,11 @@ from PIL import Image, ImageFilter
 
 from fireflow import metrics as M
 from fireflow.bench import pie
-from fireflow.bench._editing import EditSettings, Outcome, parse_blocks
+from fireflow.bench._editing import Outcome
 from fireflow.bench._tiny import tiny_clip, tiny_dino
 from fireflow.bench.synthetic import PIE_TYPES, make_synthetic_pie
 
-SETTINGS = EditSettings()
+SETTINGS = {"num_steps": 8, "inject": 1, "guidance": 2.0, "solver": "fireflow", "strategy": "replace_v"}
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,7 @@ def test_synthetic_set_is_reproducible(tmp_path, data):
 
 
 def test_prompts_lose_only_the_brackets():
-    assert (
-        pie.clean_prompt("a [green] circle on a [ white] background")
-        == "a green circle on a  white background"
-    )
+    assert pie.clean_prompt("a [green] circle on a [ white] background") == "a green circle on a  white background"
 
 
 def test_types_accept_ids_and_folders_and_reject_others():
@@ -91,13 +88,6 @@ def test_types_accept_ids_and_folders_and_reject_others():
     assert pie.parse_types(None) is None
     with pytest.raises(pie.BenchError, match="'11' is not an editing type"):
         pie.parse_types(["11"])
-
-
-def test_blocks_spec():
-    assert parse_blocks("0-3,7") == [0, 1, 2, 3, 7]
-    assert parse_blocks(None) is None
-    with pytest.raises(ValueError, match="--blocks 'a-b'"):
-        parse_blocks("a-b")
 
 
 def test_missing_mapping_file_is_a_clear_error(tmp_path):
@@ -120,7 +110,7 @@ def test_run_writes_mirrored_images_and_one_record_each(data, tmp_path):
     assert [r["id"] for r in recs] == sorted(r["id"] for r in recs)
     for r in recs:
         assert (tmp_path / "annotation_images" / r["image_path"]).is_file()
-        assert r["nfe"] == 18 and r["model"] == "fake" and r["settings"] == SETTINGS.as_dict()
+        assert r["nfe"] == 18 and r["model"] == "fake" and r["settings"] == SETTINGS
         assert "[" not in r["target_prompt"]
     assert not list(tmp_path.rglob("*.tmp"))
     # A rerun finds everything done.
@@ -136,8 +126,7 @@ def test_interrupted_run_resumes_without_repeats(data, tmp_path):
     counts = _run(data, tmp_path, second)
     assert counts == {"share": 20, "skipped": 7, "edited": 13, "merged": 20}
     assert sorted(first.calls + second.calls) == sorted(
-        pie.clean_prompt(e["editing_prompt"])
-        for e in json.loads((data / "mapping_file.json").read_text()).values()
+        pie.clean_prompt(e["editing_prompt"]) for e in json.loads((data / "mapping_file.json").read_text()).values()
     )
     assert len({r["run_id"] for r in _records(tmp_path)}) == 2
 
@@ -165,7 +154,7 @@ def test_types_select_a_subset(data, tmp_path):
 def test_other_settings_in_the_same_folder_are_refused(data, tmp_path):
     _run(data, tmp_path, limit=1)
     with pytest.raises(pie.BenchError, match="num_steps"):
-        pie.run_pie(data, tmp_path, FakeEdit(), EditSettings(num_steps=15, inject=2), "fake", progress=False)
+        pie.run_pie(data, tmp_path, FakeEdit(), {**SETTINGS, "num_steps": 15, "inject": 2}, "fake", progress=False)
 
 
 # ---- eval pie ------------------------------------------------------------------------------------
@@ -177,9 +166,10 @@ def metric_models(tmp_path_factory):
 
     torch.manual_seed(0)
     model, proc = tiny_clip(tmp_path_factory.mktemp("clip"))
-    return pie.MetricModels(
-        structure=M.StructureDistance(tiny_dino()), lpips=M.SqueezeLPIPS(), clip=M.ClipScore(model, proc)
-    )
+    lpips = M.SqueezeLPIPS()
+    for i in range(len(M.SqueezeLPIPS.CHANNELS)):
+        getattr(lpips, f"lin{i}").model[1].weight.data.abs_()  # LPIPS heads are non-negative
+    return pie.MetricModels(structure=M.StructureDistance(tiny_dino()), lpips=lpips, clip=M.ClipScore(model, proc))
 
 
 def test_eval_writes_csv_and_scaled_tables(data, tmp_path, metric_models):
@@ -217,9 +207,7 @@ def test_eval_drops_nan_rows_from_the_means():
 
 def test_eval_without_learned_models_keeps_pixel_metrics(data, tmp_path):
     _run(data, tmp_path, types={"0"})
-    summary = pie.evaluate_pie(
-        data, tmp_path, tmp_path / "ev", pie.MetricModels(), types={"0"}, progress=False
-    )
+    summary = pie.evaluate_pie(data, tmp_path, tmp_path / "ev", pie.MetricModels(), types={"0"}, progress=False)
     assert summary["metrics"] == ["psnr", "mse", "ssim"]
     assert (tmp_path / "ev" / "eval_summary.json").is_file()
 
@@ -238,3 +226,31 @@ def test_eval_refuses_a_size_mismatch(data, tmp_path):
     _run(data, tmp_path, shrink, types={"0"})
     with pytest.raises(pie.BenchError, match="edited image is 32x32, the source 64x64"):
         pie.evaluate_pie(data, tmp_path, None, pie.MetricModels(), types={"0"}, progress=False)
+
+
+# ---- the real chain: tiny random FLUX through the editor -----------------------------------------
+
+
+def _tiny_settings():
+    from fireflow.bench._editing import settings_from_args
+    from fireflow.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "pie", "--data", "d", "--out", "o", "--steps", "2"])
+    return settings_from_args(args)
+
+
+def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_models):
+    from fireflow.bench._editing import edit_fn
+
+    settings = _tiny_settings()
+    assert settings["num_steps"] == 2 and settings["blocks"] == "all" and "feature_device" not in settings
+    types = {"0", "6"}
+    counts = pie.run_pie(data, tmp_path, edit_fn(tiny_editor, settings), settings, "tiny", types, progress=False)
+    assert counts["edited"] == 4 and counts["merged"] == 4
+    recs = _records(tmp_path)
+    assert [r["nfe"] for r in recs] == [2 * (2 + 1)] * 4  # FireFlow: N + 1 per pass, two passes
+    assert all(r["size"] == [64, 64] for r in recs)
+    summary = pie.evaluate_pie(data, tmp_path, None, metric_models, types, progress=False)
+    assert summary["overall"]["n"] == 4 and summary["settings"] == settings
+    o = summary["overall"]["raw"]
+    assert math.isfinite(o["psnr"]) and 0 < o["ssim"] < 1 and o["lpips"] > 0 and o["structure_distance"] > 0

@@ -143,9 +143,7 @@ def test_ssim_without_border_crop_is_current_torchmetrics():
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(1, 3, 40, 40, generator=g), torch.rand(1, 3, 40, 40, generator=g)
-    tm = structural_similarity_index_measure(
-        a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0
-    )
+    tm = structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0)
     assert M.ssim(a, b, crop_borders=False).item() == pytest.approx(tm.item(), abs=1e-6)
     assert abs(M.ssim(a, b).item() - tm.item()) > 1e-4  # the two conventions do differ
 

@@ -10,9 +10,7 @@ import torch
 
 def _byte_chars() -> list[str]:
     # GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character.
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     chars, n = [], 0
     for b in range(256):
         if b in keep:

@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fireflow.bench import _editing, _io
+from fireflow.bench._main import run_main
 from fireflow.bench.synthetic import PIE_TYPES
 
 RECORDS_DIR = "records"
@@ -169,7 +170,7 @@ def run_pie(
     data: Path,
     out: Path,
     edit: _editing.EditFn,
-    settings: _editing.EditSettings,
+    settings: dict[str, Any],
     model: str,
     types: set[str] | None = None,
     limit: int | None = None,
@@ -184,10 +185,8 @@ def run_pie(
     items = load_pie(data, types)
     missing = [it.image_path for it in items if not (data / IMAGES_DIR / it.image_path).is_file()]
     if missing:
-        raise BenchError(
-            f"{len(missing)} source images missing under {data / IMAGES_DIR}, first: {missing[0]}"
-        )
-    _check_run_file(out, {"model": model, "settings": settings.as_dict()})
+        raise BenchError(f"{len(missing)} source images missing under {data / IMAGES_DIR}, first: {missing[0]}")
+    _check_run_file(out, {"model": model, "settings": settings})
     share = items[rank::world]
     pending = [it for it in share if not is_done(out, it)]
     todo = pending if limit is None else pending[: max(limit, 0)]
@@ -209,7 +208,7 @@ def run_pie(
             "source_prompt": it.source_prompt,
             "target_prompt": it.target_prompt,
             "model": model,
-            "settings": settings.as_dict(),
+            "settings": settings,
             "nfe": result.nfe,
             "seconds": round(result.seconds, 4),
             "size": list(result.image.size),
@@ -227,56 +226,41 @@ def run_pie(
 
 def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow bench``."""
+    from fireflow.cli import add_edit_options, add_model_options
+
     p = subparsers.add_parser(
         name,
-        help="edit PIE-Bench (resumable; shards under torchrun/accelerate)",
+        help="edit PIE-Bench (resumable; shards under torchrun / accelerate launch)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/"
-    )
+    p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes what is there)")
-    p.add_argument(
-        "--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)"
-    )
+    p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
     p.add_argument("--limit", type=int, default=None, help="edit at most this many images in this run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _editing.add_model_arguments(p)
-    _editing.add_edit_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_options(p)
+    add_edit_options(p)
     p.set_defaults(func=bench_cli)
     return p
 
 
-def bench_cli(args: argparse.Namespace) -> int:
-    try:
-        settings = _editing.settings_from_args(args)
-        _editing.parse_blocks(settings.blocks)
-        rank, world, local = _editing.dist_env()
-        types = parse_types(args.types)
-        load_pie(args.data, types)  # fail on bad data before loading a model
-        editor = _editing.load_editor(args, local)
-        model = _editing.model_name(editor, args.model)
-        counts = run_pie(
-            args.data,
-            args.out,
-            _editing.edit_fn(editor, settings),
-            settings,
-            model,
-            types,
-            args.limit,
-            rank,
-            world,
-            progress=not args.no_progress,
-        )
-    except (BenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def bench_cli(args: argparse.Namespace) -> dict[str, int]:
+    """``fireflow bench pie``. Bad input raises ValueError (the CLI prints it, exit status 2)."""
+    settings = _editing.settings_from_args(args)
+    rank, world, local = _editing.dist_env()
+    types = parse_types(args.types)
+    load_pie(args.data, types)  # fail on bad data before loading a model
+    editor = _editing.load_editor(args, local)
+    edit = _editing.edit_fn(editor, settings, args.feature_device)
+    counts = run_pie(
+        args.data, args.out, edit, settings, str(args.model), types, args.limit, rank, world, progress=not args.quiet
+    )
     msg = f"[rank {rank}/{world}] edited {counts['edited']}, earlier {counts['skipped']} of {counts['share']}"
     if counts["merged"]:
         msg += f"; all done: {counts['merged']} records in {args.out / MERGED}"
     print(msg)
-    return 0
+    return counts
 
 
 # ---- eval pie ------------------------------------------------------------------------------------
@@ -330,9 +314,7 @@ def load_metric_models(
     return models, notes
 
 
-def evaluate_image(
-    item: PieItem, source: np.ndarray, edited: np.ndarray, models: MetricModels
-) -> dict[str, float]:
+def evaluate_image(item: PieItem, source: np.ndarray, edited: np.ndarray, models: MetricModels) -> dict[str, float]:
     from fireflow import metrics as M
 
     if edited.shape != source.shape:
@@ -372,18 +354,13 @@ def summarize(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
     head = ["Type", "N"] + [COLUMNS[m][0] for m in metrics]
-    body = [
-        [name, str(s["n"])] + [f"{s['scaled'][m]:.2f}" for m in metrics]
-        for name, s in summary["per_type"].items()
-    ]
+    body = [[name, str(s["n"])] + [f"{s['scaled'][m]:.2f}" for m in metrics] for name, s in summary["per_type"].items()]
     o = summary["overall"]
     body.append(["overall", str(o["n"])] + [f"{o['scaled'][m]:.2f}" for m in metrics])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
 
     def line(r: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     return "\n".join(
         [
@@ -394,6 +371,18 @@ def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
             line(body[-1]),
         ]
     )
+
+
+def check_edits(data: Path, edits: Path, types: set[str] | None = None) -> list[PieItem]:
+    """The dataset's items, after checking that every one has its edited image."""
+    items = load_pie(data, types)
+    missing = [it.image_path for it in items if not (Path(edits) / IMAGES_DIR / it.image_path).is_file()]
+    if missing:
+        raise BenchError(
+            f"{len(missing)} of {len(items)} edited images missing under {Path(edits) / IMAGES_DIR} "
+            f"(first: {missing[0]}); finish `fireflow bench pie` first or pass --types"
+        )
+    return items
 
 
 def evaluate_pie(
@@ -409,13 +398,7 @@ def evaluate_pie(
     are scored, and returns the summary."""
     data, edits = Path(data), Path(edits)
     out = Path(out) if out is not None else edits
-    items = load_pie(data, types)
-    missing = [it.image_path for it in items if not (edits / IMAGES_DIR / it.image_path).is_file()]
-    if missing:
-        raise BenchError(
-            f"{len(missing)} of {len(items)} edited images missing under {edits / IMAGES_DIR} "
-            f"(first: {missing[0]}); finish `fireflow bench pie` first or pass --types"
-        )
+    items = check_edits(data, edits, types)
     rows = []
     for it in tqdm(items, desc="eval pie", disable=not progress):
         src = np.asarray(load_rgb(data / IMAGES_DIR / it.image_path))
@@ -449,53 +432,34 @@ def evaluate_pie(
 def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow eval``."""
     p = subparsers.add_parser(name, help="score PIE-Bench edits (structure, background, CLIP)")
-    p.add_argument(
-        "--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/"
-    )
+    p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
     p.add_argument("--edits", required=True, type=Path, help="the --out folder of `fireflow bench pie`")
-    p.add_argument(
-        "--out", type=Path, default=None, help="where to write the CSV and JSON (default: --edits)"
-    )
-    p.add_argument(
-        "--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)"
-    )
+    p.add_argument("--out", type=Path, default=None, help="where to write the CSV and JSON (default: --edits)")
+    p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     w = p.add_argument_group("metric weights (local files / HF cache only, never downloaded)")
-    w.add_argument(
-        "--dino", default=None, help="DINO ViT-B/8: folder or hub id in the cache (facebook/dino-vitb8)"
-    )
-    w.add_argument(
-        "--clip", default=None, help="CLIP ViT-L/14: folder or hub id (openai/clip-vit-large-patch14)"
-    )
+    w.add_argument("--dino", default=None, help="DINO ViT-B/8: folder or hub id in the cache (facebook/dino-vitb8)")
+    w.add_argument("--clip", default=None, help="CLIP ViT-L/14: folder or hub id (openai/clip-vit-large-patch14)")
     w.add_argument("--squeezenet", default=None, help="torchvision squeezenet1_1 state dict (.pth)")
-    w.add_argument(
-        "--lpips-heads", default=None, help="LPIPS v0.1 squeeze.pth (default: lpips/torchmetrics copy)"
-    )
-    w.add_argument(
-        "--skip", nargs="+", default=[], choices=["structure", "lpips", "clip"], help="metrics to skip"
-    )
-    p.add_argument("--no-progress", action="store_true")
+    w.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 squeeze.pth (default: lpips/torchmetrics copy)")
+    w.add_argument("--skip", nargs="+", default=[], choices=["structure", "lpips", "clip"], help="metrics to skip")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=eval_cli)
     return p
 
 
-def eval_cli(args: argparse.Namespace) -> int:
-    try:
-        types = parse_types(args.types)
-        load_pie(args.data, types)
-        device = args.device or _editing.default_device(0)
-        models, notes = load_metric_models(
-            args.dino, args.clip, args.squeezenet, args.lpips_heads, device, args.skip
-        )
-        for n in notes:
-            print(n, file=sys.stderr)
-        summary = evaluate_pie(args.data, args.edits, args.out, models, types, progress=not args.no_progress)
-    except (BenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def eval_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """``fireflow eval pie``. Bad input raises ValueError (the CLI prints it, exit status 2)."""
+    types = parse_types(args.types)
+    check_edits(args.data, args.edits, types)  # before loading any model
+    device = args.device or _editing.default_device(0)
+    models, notes = load_metric_models(args.dino, args.clip, args.squeezenet, args.lpips_heads, device, args.skip)
+    for n in notes:
+        print(n, file=sys.stderr)
+    summary = evaluate_pie(args.data, args.edits, args.out, models, types, progress=not args.quiet)
     print(summary["table"])
     print(f"wrote {(args.out or args.edits) / 'eval_per_image.csv'} and eval_summary.json")
-    return 0
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub, "bench")
     add_eval_parser(sub, "eval")
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_main(parser, argv)
 
 
 if __name__ == "__main__":

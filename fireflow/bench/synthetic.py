@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fireflow.bench import _io
+from fireflow.bench._main import run_main
 from fireflow.metrics import encode_pie_mask
 
 #: PIE-Bench's editing types: id -> folder under annotation_images/.
@@ -131,9 +132,7 @@ def make_synthetic_pie(
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``synthetic``: ``fireflow bench synthetic --out DIR``."""
     p = subparsers.add_parser("synthetic", help="write a small synthetic dataset in PIE-Bench format")
-    p.add_argument(
-        "--out", required=True, type=Path, help="folder to write (mapping_file.json, annotation_images/)"
-    )
+    p.add_argument("--out", required=True, type=Path, help="folder to write (mapping_file.json, annotation_images/)")
     p.add_argument("--per-type", type=int, default=2, help="images per editing type (default 2)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64; PIE-Bench: 512)")
     p.add_argument("--types", nargs="+", default=None, help="editing type ids 0-9 (default: all)")
@@ -142,23 +141,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    try:
-        out = make_synthetic_pie(args.out, args.per_type, args.size, args.types, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_cli(args: argparse.Namespace) -> Path:
+    """``fireflow bench synthetic``. Bad input raises ValueError (exit status 2)."""
+    out = make_synthetic_pie(args.out, args.per_type, args.size, args.types, args.seed)
     n = len(json.loads((out / "mapping_file.json").read_text()))
     print(f"wrote {n} images to {out}")
-    return 0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m fireflow.bench.synthetic --out DIR``."""
     parser = argparse.ArgumentParser(prog="python -m fireflow.bench.synthetic")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
-    args = parser.parse_args(["synthetic", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_main(parser, ["synthetic", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
