@@ -36,7 +36,10 @@ KEEP_RESULTS_S = 3600
 
 #: Nearest-neighbour scaling: the demo model works at 32x32, and blurred pixels would hide what it did.
 CSS = """
-.fireflow-result img { image-rendering: pixelated; }
+.fireflow-result .image-frame { width: 100%; height: 100%; }
+.fireflow-result .image-frame img {
+    width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;
+}
 #edit-info { min-height: 1.5em; }
 """
 
@@ -163,9 +166,11 @@ def build_app(
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
-                    steps = gr.Number(8, label="Steps", precision=0, elem_id="steps", info="per pass")
-                    inject = gr.Number(1, label="Inject", precision=0, elem_id="inject", info="steps reusing V")
-                    guidance = gr.Number(2.0, label="Guidance", elem_id="guidance", info="while editing")
+                    steps = gr.Number(8, label="Steps", min_width=90, precision=0, elem_id="steps", info="per pass")
+                    inject = gr.Number(
+                        1, label="Inject", min_width=90, precision=0, elem_id="inject", info="steps reusing V"
+                    )
+                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info="while editing")
                 with gr.Row():
                     solver = gr.Dropdown(list(solvers.SOLVERS), value="fireflow", label="Solver", elem_id="solver")
                     strategy = gr.Dropdown(
@@ -226,7 +231,7 @@ def _image_input(gr: Any, max_pixels: int | None) -> gr.Image:
             except gr.Error:
                 raise
             except Exception:  # noqa: BLE001 - Pillow raises several types for a non-image
-                raise gr.Error(NOT_AN_IMAGE, title="Not an image") from None
+                raise gr.Error(NOT_AN_IMAGE, title="Not an image", print_exception=False) from None
 
     return ImageUpload(
         type="filepath",
@@ -266,7 +271,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
     from fireflow.image import load_image
 
     def fail(message: str) -> gr.Error:
-        return gr.Error(html.escape(message), title="Cannot edit")
+        return gr.Error(html.escape(message), title="Cannot edit", print_exception=False)
 
     def edit(
         image: str | None,
