@@ -117,6 +117,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def _editor(args: argparse.Namespace):
     from fireflow.editor import FireFlowEditor
 
+    if getattr(args, "quiet", False):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
     editor = FireFlowEditor.from_pretrained(
         args.model, device=args.device, torch_dtype=args.dtype, offload=args.offload
     )
