@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ class FluxAdapter(ModelAdapter):
         from diffusers import FluxPipeline
 
         path = resolve_model_path(model)
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if offload is None:
             pipe.to(device)
