@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.compile:
         _configure_compile()
     backends = args.attention_backend or [None]
-    if len(backends) == 1 or args.compile:
+    if args.compile or (len(backends) == 1 and backends[0] is not None):
         editor.adapter.optimize(compile=args.compile, attention_backend=backends[0], **_compile_kwargs(args))
     build_s = time.perf_counter() - build_start
     _free()
