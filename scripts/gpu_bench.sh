@@ -9,8 +9,9 @@
 # What travels. The GPU machine has no network. Its image has python3 (3.12) with CUDA torch,
 # transformers, accelerate, safetensors and huggingface_hub, but not diffusers. So:
 #   1. here, in the repo root:  bash scripts/gpu_bench.sh --fetch-wheels
-#      It downloads diffusers 0.42.1, importlib_metadata and torchao (pure-Python or abi3 wheels for
-#      CPython 3.12, about 10 MB) into .whl/ and adds /.whl/ to .git/info/exclude.
+#      It downloads diffusers 0.42.1 and torchao 0.17.0 (pure-Python and abi3 wheels for CPython 3.12,
+#      about 10 MB) into .whl/ and adds /.whl/ to .git/info/exclude. diffusers' other requirements are
+#      in the image (its importlib_metadata requirement is unused on Python >= 3.8).
 #   2. the device tool:  command "bash scripts/gpu_bench.sh", carry [".whl"], timeout_s 600.
 #      The script installs .whl/*.whl into /tmp/site (no network) and runs the repo from its root;
 #      nothing else needs carrying (the models are built with random weights on the GPU).
@@ -46,7 +47,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
     "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata torchao==0.17.0
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 torchao==0.17.0
     ls -la .whl
     exit 0
 fi

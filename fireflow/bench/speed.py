@@ -148,7 +148,6 @@ class Workload:
             return txt.to(dtype), pooled.to(dtype)
 
         self.source, self.target = embeds(1), embeds(1)
-        self.embeds, self.pooled = self.source
         # The bare forward's inputs, built once as the adapter builds them once per pass.
         adapter = editor.adapter
         cond = adapter.conditioning(*self.source, size, size, 2.0)
@@ -209,8 +208,8 @@ def _versions() -> dict:
     }
 
 
-def _free(*objs) -> None:
-    del objs
+def _free() -> None:
+    """Return memory that dropped objects held (call after ``del``-ing the last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -227,6 +226,13 @@ def _configure_compile() -> None:
 
 
 def time_text(spec: ModelSpec, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+    """CLIP (77 tokens) then T5 on one prompt; the encoders are freed before the transformer is built."""
+    r = _time_text(spec, device, dtype, warmup, repeats)
+    _free()  # the encoders went out of scope with _time_text
+    return r
+
+
+def _time_text(spec: ModelSpec, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
     """CLIP (77 tokens) then T5 (``text_len`` tokens) on one prompt: what ``encode_prompt`` runs."""
     clip, t5 = build_text_encoders(spec, device, dtype)
     g = torch.Generator(device).manual_seed(0)
@@ -240,12 +246,45 @@ def time_text(spec: ModelSpec, device: torch.device, dtype: torch.dtype, warmup:
         clip(clip_ids, output_hidden_states=False)
         t5(t5_ids, output_hidden_states=False)
 
-    r = measure(encode, device, warmup, repeats)
-    _free(clip, t5)
-    return r
+    return measure(encode, device, warmup, repeats)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+class Results(list):
+    """The records of one run; with ``--out`` written after every measurement, so that a run
+    stopped by a time limit keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__()
+        self.args = args
+
+    def add(self, records: list[dict]) -> None:
+        self.extend(records)
+        self.save()
+
+    def save(self) -> Path | None:
+        if self.args.out is None:
+            return None
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        path = self.args.out / f"speed-{self.args.tag}.json"
+        path.write_text(json.dumps({"args": vars(self.args), "records": list(self)}, indent=1, default=str))
+        return path
+
+
+def _prepare_weights(transformer: torch.nn.Module, args: argparse.Namespace, dtype: torch.dtype) -> dict | None:
+    """Apply ``--weights`` and ``--quantize``; a record saying why not when the option cannot run."""
+    try:
+        memory.apply_weights(transformer, args.weights, dtype)
+        memory.apply_quantization(transformer, args.quantize)
+    except memory.Unavailable as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return {"kind": "skipped", "error": str(e)}
+    except Exception as e:  # e.g. a torchao built for another torch: report it, do not crash the run
+        print(f"failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"kind": "error", "error": f"{args.weights}/{args.quantize}: {type(e).__name__}: {e}"}
+    return None
+
+
+def run(args: argparse.Namespace) -> Results:
     """Every measurement one invocation asks for, as flat JSON records."""
     spec = TINY if args.tiny else FLUX_DEV
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -274,25 +313,23 @@ def run(args: argparse.Namespace) -> list[dict]:
         "clock": "wall, CUDA-synchronised" if device.type == "cuda" else "process CPU time",
         **_versions(),
     }
-    records: list[dict] = []
+    records = Results(args)
     if "e2e" in parts:
-        return records + run_e2e(args, spec, device, dtype, sizes, common)
-    text = None
+        records.add(run_e2e(args, spec, device, dtype, sizes, common))
+        return records
     if "text" in parts:
         text = time_text(spec, device, dtype, args.warmup, args.repeats)
-        records.append({**common, "kind": "text_encode", "s": text["s"], "peak_memory_gib": text["peak_gib"]})
+        records.add([{**common, "kind": "text_encode", "s": text["s"], "peak_memory_gib": text["peak_gib"]}])
 
     from fireflow.editor import FireFlowEditor
 
     build_start = time.perf_counter()
     transformer = build_transformer(spec, device, dtype)
     vae = build_vae(spec, device, dtype) if "vae" in parts else None
-    try:
-        memory.apply_weights(transformer, args.weights, dtype)
-        memory.apply_quantization(transformer, args.quantize)
-    except memory.Unavailable as e:
-        print(f"skipped: {e}", file=sys.stderr)
-        return [{**common, "kind": "skipped", "error": str(e)}]
+    failed = _prepare_weights(transformer, args, dtype)
+    if failed is not None:
+        records.add([{**common, **failed}])
+        return records
     memory.apply_offload(transformer, args.offload, device)
     editor = FireFlowEditor(transformer=transformer)
     if args.compile:
@@ -311,10 +348,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             try:
                 editor.adapter.optimize(attention_backend=backend)
             except (ImportError, RuntimeError, ValueError) as e:  # a backend this machine lacks
-                records.append({**common, "attention": backend, "kind": "skipped", "error": str(e)})
+                records.add([{**common, "attention": backend, "kind": "skipped", "error": str(e)}])
                 continue
         for size in sizes:
-            records += _run_size(editor, vae, spec, size, device, dtype, parts, args, {**common, "attention": backend})
+            records.add(
+                _run_size(editor, vae, spec, size, device, dtype, parts, args, {**common, "attention": backend})
+            )
     return records
 
 
@@ -326,12 +365,9 @@ def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, siz
 
     build_start = time.perf_counter()
     pipe = pipeline.build_pipeline(spec, device, dtype)
-    try:
-        memory.apply_weights(pipe.transformer, args.weights, dtype)
-        memory.apply_quantization(pipe.transformer, args.quantize)
-    except memory.Unavailable as e:
-        print(f"skipped: {e}", file=sys.stderr)
-        return [{**common, "kind": "skipped", "error": str(e)}]
+    failed = _prepare_weights(pipe.transformer, args, dtype)
+    if failed is not None:
+        return [{**common, **failed}]
     pipeline.offload_pipeline(pipe, args.offload, device)
     editor = FireFlowEditor(FluxAdapter(pipe))
     if args.compile:
@@ -349,8 +385,9 @@ def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, siz
             r = measure(lambda a=(image, source, target): editor.edit(*a), device, args.warmup, args.repeats)
             nfe = 2 * solvers.nfe("fireflow", NUM_STEPS)  # the editor's default steps
             out.append({**rec, "s": r["s"], "runs": r["runs"], "nfe": nfe, "peak_memory_gib": r["peak_gib"]})
-        except torch.OutOfMemoryError as e:
-            out.append({**rec, "error": f"out of memory: {str(e).splitlines()[0]}"})
+        except RuntimeError as e:  # out of memory (a RuntimeError too), or a kernel this card lacks
+            kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+            out.append({**rec, "error": f"{kind}: {str(e).splitlines()[0]}"})
             _free()
     return out
 
@@ -557,10 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records = run(args)
     print(table(records))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"speed-{args.tag}.json"
-        path.write_text(json.dumps({"args": vars(args), "records": records}, indent=1, default=str))
+    path = records.save()
+    if path is not None:
         print(f"wrote {path}")
     return 0
 
