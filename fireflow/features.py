@@ -220,11 +220,14 @@ def _projections(
     attn: torch.nn.Module, x: torch.Tensor, fused: str, names: tuple[str, str, str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V as ``[B, S, H, D]``, from fused or separate projections."""
+    # Plain statements, no generators: this runs in every attention layer of every call, and on a
+    # launch-bound GPU (FLUX at 512², eager) its Python time is the forward's time.
     if getattr(attn, "fused_projections", False):
         q, k, v = getattr(attn, fused)(x).chunk(3, dim=-1)
     else:
-        q, k, v = (getattr(attn, n)(x) for n in names)
-    return tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # type: ignore[return-value]
+        q, k, v = getattr(attn, names[0])(x), getattr(attn, names[1])(x), getattr(attn, names[2])(x)
+    shape = (-1, attn.head_dim)
+    return q.unflatten(-1, shape), k.unflatten(-1, shape), v.unflatten(-1, shape)
 
 
 def attention_blocks(transformer: torch.nn.Module) -> dict[str, BlockId]:
