@@ -25,7 +25,7 @@ def _by_kind(records: list[dict]) -> dict[str, dict]:
 
 
 def test_tiny_reports_every_field_and_a_small_overhead(tmp_path):
-    argv = [*TINY, "--sizes", "128", "--repeats", "5", "--targets", "2"]
+    argv = [*TINY, "--sizes", "128", "--repeats", "7", "--targets", "2"]
     assert speed.main([*argv, "--out", str(tmp_path), "--tag", "t"]) == 0
     kinds = _by_kind(_records(tmp_path, "t"))
     assert set(kinds) == {"text_encode", "edit", "batched_edit", "vae_encode", "vae_decode"}
