@@ -254,3 +254,10 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     assert summary["overall"]["n"] == 4 and summary["settings"] == settings
     o = summary["overall"]["raw"]
     assert math.isfinite(o["psnr"]) and 0 < o["ssim"] < 1 and o["lpips"] > 0 and o["structure_distance"] > 0
+
+
+def test_json_outputs_are_standard(tmp_path):
+    from fireflow.bench import _io
+
+    _io.write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}

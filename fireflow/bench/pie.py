@@ -237,7 +237,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") 
     p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes what is there)")
     p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
-    p.add_argument("--limit", type=int, default=None, help="edit at most this many images in this run")
+    p.add_argument("--limit", type=int, default=None, help="edit at most this many images (per process) in this run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
     add_edit_options(p)
@@ -424,7 +424,7 @@ def evaluate_pie(
     w.writeheader()
     w.writerows(rows)
     _io.write_text(out / "eval_per_image.csv", buf.getvalue())
-    _io.write_text(out / "eval_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _io.write_json(out / "eval_summary.json", summary)
     summary["table"] = format_table(summary, metrics)
     return summary
 

@@ -143,7 +143,7 @@ def run_reconstruct(
         "runs": runs,
     }
     table = format_table(runs, metrics)
-    _io.write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    _io.write_json(out / "results.json", result)
     _io.write_text(out / "table.txt", table + "\n")
     plot_error_vs_nfe(runs, metrics, out / "error_vs_nfe.png")
     _io.save_image(comparison_grid(sources, thumbs), out / "comparison_grid.png")
