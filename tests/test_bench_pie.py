@@ -261,3 +261,29 @@ def test_json_outputs_are_standard(tmp_path):
 
     _io.write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ([1, 2], "expected an object keyed by image id"),
+        ({"../x": {}}, "is not a plain name"),
+        ({"1": {"image_path": "a.jpg"}}, "entry 1 lacks field"),
+        (
+            {
+                "1": {
+                    "image_path": "../a.jpg",
+                    "original_prompt": "",
+                    "editing_prompt": "",
+                    "editing_type_id": "0",
+                    "mask": [],
+                }
+            },
+            "must be a relative path",
+        ),
+    ],
+)
+def test_bad_mapping_files_are_refused(tmp_path, mapping, message):
+    (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
+    with pytest.raises(pie.BenchError, match=message):
+        pie.load_pie(tmp_path)

@@ -22,11 +22,12 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -106,9 +107,14 @@ def load_pie(data: Path, types: set[str] | None = None) -> list[PieItem]:
         mapping = json.loads(mapping_file.read_text())
     except json.JSONDecodeError as e:
         raise BenchError(f"{mapping_file} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict):
+        raise BenchError(f"{mapping_file}: expected an object keyed by image id, got {type(mapping).__name__}")
     items = []
     for key in sorted(mapping):
         e = mapping[key]
+        # Ids name record files and image paths name outputs: neither may leave the output folder.
+        if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
+            raise BenchError(f"{mapping_file}: image id {key!r} is not a plain name like 000000000000")
         try:
             item = PieItem(
                 key,
@@ -120,6 +126,9 @@ def load_pie(data: Path, types: set[str] | None = None) -> list[PieItem]:
             )
         except (KeyError, TypeError) as err:
             raise BenchError(f"{mapping_file}: entry {key} lacks field {err}") from None
+        rel = PurePosixPath(item.image_path)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise BenchError(f"{mapping_file}: entry {key} image_path {item.image_path!r} must be a relative path")
         if types is None or item.type_id in types:
             items.append(item)
     if not items:
