@@ -318,18 +318,32 @@ def load_lpips(
 # ---- Hugging Face models, offline ----------------------------------------------------------------
 
 
-def _load_hf(loader, name_or_path: str, what: str, **kwargs):
-    """``loader.from_pretrained`` from a local folder or the HF cache only; a clear error otherwise."""
+def _load_hf(loader, name_or_path: str, what: str, model: bool = True, **kwargs):
+    """``loader.from_pretrained`` from a local folder or the HF cache only; a clear error otherwise.
+    A model checkpoint that leaves weights uninitialised is refused: random weights would give
+    plausible-looking but meaningless numbers."""
     # Never reach the network: a missing model must fail now, not hang on a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if model:
+        kwargs["output_loading_info"] = True
     try:
-        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+        loaded = loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         raise MissingWeightsError(
             f"{what} weights '{name_or_path}' are not in a local folder or the Hugging Face cache "
             f"({type(e).__name__}); download them once (huggingface-cli download {name_or_path}) "
             "or pass a local folder."
         ) from e
+    if not model:
+        return loaded
+    loaded, info = loaded
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise MissingWeightsError(
+            f"{what} checkpoint '{name_or_path}' lacks {len(missing)} weights (first: {missing[0]}); "
+            "is it the right model?"
+        )
+    return loaded
 
 
 def _resized_size(h: int, w: int, size: int = 224, max_size: int = 480) -> tuple[int, int]:
@@ -466,5 +480,5 @@ def load_clip_score(name_or_path: str = CLIP_MODEL, device: str | torch.device =
     from transformers import CLIPModel, CLIPProcessor
 
     model = _load_hf(CLIPModel, name_or_path, "CLIP ViT-L/14")
-    processor = _load_hf(CLIPProcessor, name_or_path, "CLIP ViT-L/14 processor")
+    processor = _load_hf(CLIPProcessor, name_or_path, "CLIP ViT-L/14 processor", model=False)
     return ClipScore(model.to(device), processor)

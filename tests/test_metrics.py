@@ -337,6 +337,39 @@ def test_clip_whole_and_edited_with_a_tiny_model(tmp_path):
 # ---- missing HF weights --------------------------------------------------------------------------
 
 
+def _old_vit_name(key: str) -> str:
+    """transformers 4.x names, as facebook/dino-vitb8's checkpoint on the Hub has them."""
+    key = key.replace("layers.", "encoder.layer.")
+    for new, old in (
+        ("q_proj", "attention.query"),
+        ("k_proj", "attention.key"),
+        ("v_proj", "attention.value"),
+        ("o_proj", "output.dense"),
+    ):
+        key = key.replace(f"attention.{new}", f"attention.{old}")
+    return key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+
+
+def test_dino_checkpoint_with_hub_names_loads_every_weight(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_dino()
+    sd = model.state_dict()
+    old = {_old_vit_name(k): v.contiguous() for k, v in sd.items()}
+    assert "encoder.layer.11.attention.attention.key.weight" in old
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**model.config.to_dict(), "architectures": ["ViTModel"]}))
+    loaded = M.load_structure_distance(str(tmp_path)).model.state_dict()
+    assert all(torch.equal(sd[k], loaded[k]) for k in sd)
+    # A checkpoint missing weights is refused rather than run with random ones.
+    del old["encoder.layer.11.attention.attention.key.weight"]
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(M.MissingWeightsError, match="lacks 1 weights"):
+        M.load_structure_distance(str(tmp_path))
+
+
 def test_missing_hf_weights_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     t = time.perf_counter()
@@ -345,3 +378,13 @@ def test_missing_hf_weights_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(M.MissingWeightsError, match="CLIP"):
         M.load_clip_score(str(tmp_path / "no-clip-here"))
     assert time.perf_counter() - t < 20
+
+
+def test_clip_loads_from_a_local_folder(tmp_path):
+    model, proc = tiny_clip(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    loaded = M.load_clip_score(str(tmp_path / "clip"))
+    img = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    expected = M.ClipScore(model, proc)([img], ["a red cat"])[0]
+    assert loaded([img], ["a red cat"])[0] == pytest.approx(expected, rel=1e-5, abs=1e-5)
