@@ -135,20 +135,37 @@ def run_reconstruct(
             runs.append(run)
     bar.close()
     metrics = [m for m in METRICS if runs[0][m] is not None]
+    orders = fitted_orders(runs)
     result = {
         "model": model,
         "images": len(images),
         "guidance": guidance,
         "metrics": metrics,
+        "order": orders,
         "runs": runs,
     }
     table = format_table(runs, metrics)
+    if orders:
+        table += "\nfitted order (RMSE ~ NFE^-p): " + ", ".join(f"{k} {v:.2f}" for k, v in orders.items())
     _io.write_json(out / "results.json", result)
     _io.write_text(out / "table.txt", table + "\n")
     plot_error_vs_nfe(runs, metrics, out / "error_vs_nfe.png")
     _io.save_image(comparison_grid(sources, thumbs), out / "comparison_grid.png")
     result["table"] = table
     return result
+
+
+def fitted_orders(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per solver, ``p`` in RMSE ~ NFE^-p: minus the least-squares slope of log sqrt(MSE) on log NFE.
+    A global order-k solver shows p ~ k once the steps are small enough."""
+    orders = {}
+    for solver in dict.fromkeys(r["solver"] for r in runs):
+        pts = [(r["nfe"], r["mse"]) for r in runs if r["solver"] == solver and r["mse"] and r["mse"] > 0]
+        if len({n for n, _ in pts}) >= 2:
+            x = np.log([n for n, _ in pts])
+            y = 0.5 * np.log([m for _, m in pts])
+            orders[solver] = float(-np.polyfit(x, y, 1)[0])
+    return orders
 
 
 def format_table(runs: list[dict[str, Any]], metrics: list[str]) -> str:
@@ -174,17 +191,23 @@ def plot_error_vs_nfe(runs: list[dict[str, Any]], metrics: list[str], path: Path
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("matplotlib is not installed: no error_vs_nfe.png (pip install matplotlib)", file=sys.stderr)
         return False
     panels = [m for m in ("mse", "lpips") if m in metrics]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, m in zip(axes[0], panels, strict=True):
+        orders = fitted_orders(runs)
         for solver in dict.fromkeys(r["solver"] for r in runs):
             pts = sorted((r["nfe"], r[m]) for r in runs if r["solver"] == solver)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=solver)
+            label = f"{solver} (order {orders[solver]:.2f})" if m == "mse" and solver in orders else solver
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        # Minor labels at 2, 3, 5 x 10^k only, so that neighbours do not overlap.
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "235" else ""))
         ax.set_xlabel("NFE (inversion + reconstruction)")
         ax.set_ylabel(m.upper())
         ax.grid(True, which="both", alpha=0.3)
