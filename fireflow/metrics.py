@@ -112,6 +112,8 @@ def ssim(
     about 1e-3, which is visible at the x10^2 reporting scale.
     """
     c = preds.shape[1]
+    if min(preds.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {tuple(preds.shape[-2:])}")
     win = _gaussian_window().to(preds)
     pad = (win.shape[-1] - 1) // 2
     kernel = win.expand(c, 1, *win.shape)
