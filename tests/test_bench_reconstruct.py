@@ -76,6 +76,19 @@ def test_solvers_by_steps_with_a_tiny_flux(images, tmp_path, tiny_editor):
         assert im.width > 300
     with Image.open(tmp_path / "comparison_grid.png") as im:
         assert im.size == (160 * 7, 18 + 160 * 2)  # source + 6 runs, 2 images
+    # A rerun with the same inputs reuses every finished run: the editor is not called again.
+    grid = (tmp_path / "comparison_grid.png").read_bytes()
+    again = R.run_reconstruct(
+        object(),
+        files,
+        ["a red circle", "a blue square"],
+        ["fireflow", "midpoint", "euler"],
+        [1, 3],
+        tmp_path,
+        progress=False,
+        model="tiny",
+    )
+    assert again["runs"] == saved["runs"] and (tmp_path / "comparison_grid.png").read_bytes() == grid
 
 
 def test_fitted_order_is_the_rmse_slope():
