@@ -287,3 +287,54 @@ def test_bad_mapping_files_are_refused(tmp_path, mapping, message):
     (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
     with pytest.raises(pie.BenchError, match=message):
         pie.load_pie(tmp_path)
+
+
+def test_eval_cli_loads_every_metric_from_local_files(data, tmp_path, capsys):
+    import torch
+
+    from fireflow.cli import main
+
+    _run(data, tmp_path / "edits", types={"6"})
+    tiny_dino().save_pretrained(tmp_path / "dino")
+    model, proc = tiny_clip(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    lp = M.SqueezeLPIPS()
+    torch.save({k: v for k, v in lp.state_dict().items() if k.startswith("features.")}, tmp_path / "sq.pth")
+    torch.save({k: v.abs() for k, v in lp.state_dict().items() if k.startswith("lin")}, tmp_path / "heads.pth")
+    argv = ["eval", "pie", "--data", str(data), "--edits", str(tmp_path / "edits"), "--types", "6", "-q"]
+    weights = [
+        "--dino",
+        str(tmp_path / "dino"),
+        "--clip",
+        str(tmp_path / "clip"),
+        "--squeezenet",
+        str(tmp_path / "sq.pth"),
+        "--lpips-heads",
+        str(tmp_path / "heads.pth"),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv + weights) == 0
+    out = capsys.readouterr()
+    assert "skipped" not in out.err and "Structure x1e3" in out.out and "CLIP edited" in out.out
+    summary = json.loads((tmp_path / "edits" / "eval_summary.json").read_text())
+    assert summary["metrics"] == list(pie.COLUMNS) and summary["overall"]["n"] == 2
+    # Without the weights: each learned metric is skipped with a message, the rest still computed.
+    assert (
+        main(
+            argv
+            + [
+                "--dino",
+                str(tmp_path / "none"),
+                "--clip",
+                str(tmp_path / "none"),
+                "--squeezenet",
+                str(tmp_path / "none.pth"),
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 3
+    assert json.loads((tmp_path / "edits" / "eval_summary.json").read_text())["metrics"] == ["psnr", "mse", "ssim"]
