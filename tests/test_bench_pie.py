@@ -153,7 +153,7 @@ def test_types_select_a_subset(data, tmp_path):
 
 def test_other_settings_in_the_same_folder_are_refused(data, tmp_path):
     _run(data, tmp_path, limit=1)
-    with pytest.raises(pie.BenchError, match="num_steps"):
+    with pytest.raises(pie.BenchError, match="inject: 1 there, 2 now; num_steps: 8 there, 15 now"):
         pie.run_pie(data, tmp_path, FakeEdit(), {**SETTINGS, "num_steps": 15, "inject": 2}, "fake", progress=False)
 
 

@@ -160,19 +160,23 @@ def merge_records(out: Path) -> int:
     return len(lines)
 
 
-def _check_run_file(out: Path, run: dict[str, Any]) -> None:
-    """A folder holds one configuration: resuming with other settings would mix two runs."""
-    path = out / RUN_FILE
+def check_inputs(data: Path, out: Path, types: set[str] | None, run: dict[str, Any]) -> list[PieItem]:
+    """Everything checkable before a model is loaded: the dataset, its source images, and that
+    ``out`` holds no run with other settings (resuming it would mix two configurations)."""
+    items = load_pie(data, types)
+    missing = [it.image_path for it in items if not (Path(data) / IMAGES_DIR / it.image_path).is_file()]
+    if missing:
+        raise BenchError(f"{len(missing)} source images missing under {Path(data) / IMAGES_DIR}, first: {missing[0]}")
+    path = Path(out) / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != run:
-            diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
-            raise BenchError(
-                f"--out {out} holds a run with other settings ({', '.join(diff)}: "
-                f"{ {k: old.get(k) for k in diff} }); use another --out to compare settings"
-            )
-    else:
-        _io.write_json(path, run)
+        flat_old = {"model": old.get("model"), **old.get("settings", {})}
+        flat_new = {"model": run["model"], **run["settings"]}
+        diff = [k for k in dict.fromkeys([*flat_old, *flat_new]) if flat_old.get(k) != flat_new.get(k)]
+        if diff:
+            said = "; ".join(f"{k}: {flat_old.get(k)!r} there, {flat_new.get(k)!r} now" for k in diff)
+            raise BenchError(f"--out {out} holds a run with other settings ({said}); use another --out")
+    return items
 
 
 def run_pie(
@@ -191,11 +195,10 @@ def run_pie(
     Returns counts: ``share``, ``skipped`` (already done), ``edited``, ``merged`` (records in the
     merged file, or 0 when other shares are still running)."""
     data, out = Path(data), Path(out)
-    items = load_pie(data, types)
-    missing = [it.image_path for it in items if not (data / IMAGES_DIR / it.image_path).is_file()]
-    if missing:
-        raise BenchError(f"{len(missing)} source images missing under {data / IMAGES_DIR}, first: {missing[0]}")
-    _check_run_file(out, {"model": model, "settings": settings})
+    run = {"model": model, "settings": settings}
+    items = check_inputs(data, out, types, run)
+    if not (out / RUN_FILE).is_file():
+        _io.write_json(out / RUN_FILE, run)
     share = items[rank::world]
     pending = [it for it in share if not is_done(out, it)]
     todo = pending if limit is None else pending[: max(limit, 0)]
@@ -259,7 +262,7 @@ def bench_cli(args: argparse.Namespace) -> dict[str, int]:
     settings = _editing.settings_from_args(args)
     rank, world, local = _editing.dist_env()
     types = parse_types(args.types)
-    load_pie(args.data, types)  # fail on bad data before loading a model
+    check_inputs(args.data, args.out, types, {"model": str(args.model), "settings": settings})  # before the model
     editor = _editing.load_editor(args, local)
     edit = _editing.edit_fn(editor, settings, args.feature_device)
     counts = run_pie(
