@@ -338,3 +338,14 @@ def test_eval_cli_loads_every_metric_from_local_files(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("skipped") == 3
     assert json.loads((tmp_path / "edits" / "eval_summary.json").read_text())["metrics"] == ["psnr", "mse", "ssim"]
+
+
+def test_cli_checks_the_folder_before_loading_a_model(data, tmp_path, capsys):
+    from fireflow.cli import main
+
+    _run(data, tmp_path, limit=1)
+    argv = ["bench", "pie", "--data", str(data), "--out", str(tmp_path), "--model", "no/such-model", "-q"]
+    assert main([*argv, "--steps", "15", "--inject", "2"]) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err  # not a model-not-found error
+    assert main([*argv, "--inject", "9"]) == 2
+    assert "--inject must be between 0 and --steps=8" in capsys.readouterr().err
