@@ -303,6 +303,14 @@ def test_eval_cli_loads_every_metric_from_local_files(data, tmp_path, capsys):
     torch.save({k: v for k, v in lp.state_dict().items() if k.startswith("features.")}, tmp_path / "sq.pth")
     torch.save({k: v.abs() for k, v in lp.state_dict().items() if k.startswith("lin")}, tmp_path / "heads.pth")
     argv = ["eval", "pie", "--data", str(data), "--edits", str(tmp_path / "edits"), "--types", "6", "-q"]
+    weights_none = [
+        "--dino",
+        str(tmp_path / "none"),
+        "--clip",
+        str(tmp_path / "none"),
+        "--squeezenet",
+        str(tmp_path / "none.pth"),
+    ]
     weights = [
         "--dino",
         str(tmp_path / "dino"),
@@ -321,20 +329,7 @@ def test_eval_cli_loads_every_metric_from_local_files(data, tmp_path, capsys):
     summary = json.loads((tmp_path / "edits" / "eval_summary.json").read_text())
     assert summary["metrics"] == list(pie.COLUMNS) and summary["overall"]["n"] == 2
     # Without the weights: each learned metric is skipped with a message, the rest still computed.
-    assert (
-        main(
-            argv
-            + [
-                "--dino",
-                str(tmp_path / "none"),
-                "--clip",
-                str(tmp_path / "none"),
-                "--squeezenet",
-                str(tmp_path / "none.pth"),
-            ]
-        )
-        == 0
-    )
+    assert main(argv + weights_none) == 0
     err = capsys.readouterr().err
     assert err.count("skipped") == 3
     assert json.loads((tmp_path / "edits" / "eval_summary.json").read_text())["metrics"] == ["psnr", "mse", "ssim"]
@@ -349,3 +344,20 @@ def test_cli_checks_the_folder_before_loading_a_model(data, tmp_path, capsys):
     assert "holds a run with other settings" in capsys.readouterr().err  # not a model-not-found error
     assert main([*argv, "--inject", "9"]) == 2
     assert "--inject must be between 0 and --steps=8" in capsys.readouterr().err
+
+
+def test_eval_compares_several_edit_folders(data, tmp_path, capsys):
+    from fireflow.cli import main
+
+    _run(data, tmp_path / "blur", types={"0"})
+    pie.run_pie(data, tmp_path / "same", lambda im, s, t: Outcome(im, 9, 0.0), SETTINGS, "id", {"0"}, progress=False)
+    argv = ["eval", "pie", "--data", str(data), "--types", "0", "-q", "--skip", "structure", "clip", "lpips"]
+    assert main([*argv, "--edits", str(tmp_path / "blur"), str(tmp_path / "same"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("overall\n")[-1]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert rows["blur"][1:3] == ["2", "18"] and rows["same"][1:3] == ["2", "9"]
+    assert float(rows["same"][3]) > float(rows["blur"][3])  # PSNR: re-encoding only beats a blur
+    assert (tmp_path / "ev" / "blur" / "eval_summary.json").is_file()
+    assert (tmp_path / "ev" / "same" / "eval_per_image.csv").is_file()
+    assert (tmp_path / "ev" / "comparison.txt").read_text().strip() == table.strip()

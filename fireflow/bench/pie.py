@@ -427,8 +427,12 @@ def evaluate_pie(
     summary = summarize(rows, metrics)
     records = edits / MERGED
     if records.is_file():
-        first = json.loads(records.read_text().splitlines()[0])
-        summary["model"], summary["settings"] = first.get("model"), first.get("settings")
+        ids = {it.key for it in items}
+        recs = [r for r in map(json.loads, records.read_text().splitlines()) if r["id"] in ids]
+        if recs:
+            summary["model"], summary["settings"] = recs[0].get("model"), recs[0].get("settings")
+            summary["nfe"] = float(np.mean([r["nfe"] for r in recs]))
+            summary["seconds"] = float(np.mean([r["seconds"] for r in recs]))
     summary["metrics"] = metrics
     summary["scale"] = {m: COLUMNS[m][1] for m in metrics}
     buf = io.StringIO()
@@ -441,12 +445,36 @@ def evaluate_pie(
     return summary
 
 
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """One overall row per edits folder, side by side (the paper's table layout)."""
+    metrics = [m for m in COLUMNS if all(m in s["metrics"] for s in summaries.values())]
+    head = ["edits", "N", "NFE", *[COLUMNS[m][0] for m in metrics]]
+    body = []
+    for name, s in summaries.items():
+        nfe = f"{s['nfe']:.0f}" if "nfe" in s else "-"
+        body.append([name, str(s["overall"]["n"]), nfe, *[f"{s['overall']['scaled'][m]:.2f}" for m in metrics]])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow eval``."""
     p = subparsers.add_parser(name, help="score PIE-Bench edits (structure, background, CLIP)")
     p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
-    p.add_argument("--edits", required=True, type=Path, help="the --out folder of `fireflow bench pie`")
-    p.add_argument("--out", type=Path, default=None, help="where to write the CSV and JSON (default: --edits)")
+    p.add_argument(
+        "--edits", required=True, type=Path, nargs="+", help="--out folder(s) of `fireflow bench pie`; several compare"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write CSV and JSON (default: each --edits; OUT/<name> for several)",
+    )
     p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     w = p.add_argument_group("metric weights (local files / HF cache only, never downloaded)")
@@ -460,18 +488,30 @@ def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -
     return p
 
 
-def eval_cli(args: argparse.Namespace) -> dict[str, Any]:
+def eval_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``fireflow eval pie``. Bad input raises ValueError (the CLI prints it, exit status 2)."""
     types = parse_types(args.types)
-    check_edits(args.data, args.edits, types)  # before loading any model
+    edits = list(dict.fromkeys(args.edits))
+    names = [e.resolve().name for e in edits]
+    if len(set(names)) != len(names):
+        raise BenchError(f"--edits folders must have distinct names to be compared, got {', '.join(names)}")
+    for e in edits:
+        check_edits(args.data, e, types)  # before loading any model
     device = args.device or _editing.default_device(0)
     models, notes = load_metric_models(args.dino, args.clip, args.squeezenet, args.lpips_heads, device, args.skip)
     for n in notes:
         print(n, file=sys.stderr)
-    summary = evaluate_pie(args.data, args.edits, args.out, models, types, progress=not args.quiet)
-    print(summary["table"])
-    print(f"wrote {(args.out or args.edits) / 'eval_per_image.csv'} and eval_summary.json")
-    return summary
+    summaries = {}
+    for name, e in zip(names, edits, strict=True):
+        out = e if args.out is None else (args.out / name if len(edits) > 1 else args.out)
+        summaries[name] = evaluate_pie(args.data, e, out, models, types, progress=not args.quiet)
+        print(f"\n{e}\n{summaries[name]['table']}\nwrote {out / 'eval_per_image.csv'} and eval_summary.json")
+    if len(edits) > 1:
+        table = format_comparison(summaries)
+        print(f"\noverall\n{table}")
+        if args.out is not None:
+            _io.write_text(args.out / "comparison.txt", table + "\n")
+    return summaries
 
 
 def main(argv: list[str] | None = None) -> int:
