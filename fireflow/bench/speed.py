@@ -408,7 +408,9 @@ def _run_size(editor, vae, spec, size, device, dtype, parts, args, common) -> li
         w = Workload(editor, spec, size, device, dtype)
         if "edit" in parts and "forward" in parts:
             edit, fwd = measure_pair(w.edit, w.forward, device, args.warmup, args.repeats, args.forwards)
-            ratio = edit["s"] / (nfe * fwd["s"])
+            # Each edit against the forward block timed just before it: a busy CPU's load drifts
+            # over seconds, and pairing cancels it. On a GPU this equals the ratio of the medians.
+            ratio = statistics.median(e / (nfe * f) for e, f in zip(edit["runs"], fwd["runs"]))
             finite = bool(torch.isfinite(w.edit()).all())
             out.append(
                 {
@@ -418,6 +420,7 @@ def _run_size(editor, vae, spec, size, device, dtype, parts, args, common) -> li
                     "runs": edit["runs"],
                     "nfe": nfe,
                     "forward_s": fwd["s"],
+                    "forward_runs": fwd["runs"],
                     "overhead_ratio": ratio,
                     "peak_memory_gib": edit["peak_gib"],
                     "forward_peak_memory_gib": fwd["peak_gib"],
