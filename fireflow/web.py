@@ -372,25 +372,30 @@ def _prune(workdir: Path, max_age_s: float = KEEP_RESULTS_S) -> None:
             pass
 
 
+#: The gallery's edits of the bundled example emoji (``examples/<source prompt>.png``); the demo
+#: model knows these names, and FLUX reads them as plain English.
+EXAMPLE_EDITS = (
+    ("red heart", "blue heart"),
+    ("cat face", "tiger face"),
+    ("grinning face", "smiling face with sunglasses"),
+    ("red apple", "green apple"),
+    ("cloud", "cloud with snow"),
+    ("yellow heart", "green heart"),
+)
+
+
 def default_examples(folder: Path) -> list[Example]:
-    """The gallery: the bundled examples if present, else two pictures drawn here."""
-    bundled = Path(__file__).parent / "examples"
-    listed = _read_examples(bundled / "examples.tsv")
-    if listed:
-        return listed
+    """The gallery: the bundled example images if present, else two pictures drawn into ``folder``."""
+    here = Path(__file__).resolve().parent
+    for examples in (here / "examples", here.parent / "examples"):  # installed package data, or a checkout
+        found = [
+            Example(str(examples / f"{source.replace(' ', '_')}.png"), source, target)
+            for source, target in EXAMPLE_EDITS
+            if (examples / f"{source.replace(' ', '_')}.png").is_file()
+        ]
+        if found:
+            return found
     return _drawn_examples(folder)
-
-
-def _read_examples(index: Path) -> list[Example]:
-    """``image<TAB>source prompt<TAB>target prompt`` lines; image paths relative to the index."""
-    if not index.is_file():
-        return []
-    rows = []
-    for line in index.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and not line.startswith("#") and (index.parent / parts[0]).is_file():
-            rows.append(Example(str(index.parent / parts[0]), parts[1], parts[2]))
-    return rows
 
 
 def _drawn_examples(folder: Path) -> list[Example]:

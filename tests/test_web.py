@@ -334,6 +334,20 @@ def test_two_pages_at_once(open_page, editor, photo):
         _assert_same(p.image("out-edit"), ref.image, f"edit for {target!r}")
 
 
+def test_examples_gallery(open_page, editor, tmp_path):
+    """Clicking the first example fills the inputs and runs its edit with the knobs on the page."""
+    from fireflow.web import default_examples
+
+    example = default_examples(tmp_path)[0]  # the bundled emoji, or the same drawing the server made
+    p = open_page()
+    p.page.locator("[data-testid=dataset-cell-0-2]").click()
+    p.page.wait_for_function("() => document.querySelector('#edit-info').innerText.includes('NFE')")
+    assert p.page.locator("#source textarea").input_value() == example.source
+    assert f"“{example.target}”" in p.info()
+    ref = editor.edit(example.image, example.source, example.target)
+    _assert_same(p.image("out-edit"), ref.image, "example edit")
+
+
 def test_validation_messages(open_page, photo, tmp_path):
     """Every kind of bad input gives a clear message in the page, and no result."""
     p = open_page()
