@@ -1,0 +1,144 @@
+"""The bundled demo model: its data, adapter, trained weights and training recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from fireflow.demo import data as emoji_data
+from fireflow.models.demo import (
+    PATCH,
+    RESOLUTION,
+    TEXT_DIM,
+    TEXT_LEN,
+    WEIGHTS_DIR,
+    DemoAdapter,
+    grid_ids,
+    pack,
+    transformer_config,
+    unpack,
+)
+
+# Measured on the committed weights (FireFlow 8 steps, 18 NFE, the 12 emoji below): see the model
+# card. The threshold leaves a margin of several dB below the measurement.
+RECON_PSNR_MIN = 30.0
+
+
+@pytest.fixture(scope="module")
+def emoji() -> emoji_data.EmojiSet:
+    return emoji_data.load()
+
+
+@pytest.fixture(scope="module")
+def adapter() -> DemoAdapter:
+    return DemoAdapter.from_pretrained()
+
+
+def test_dataset_shapes_and_prompts(emoji):
+    n = len(emoji)
+    assert 200 <= n <= 300
+    assert emoji.images.shape == (n, RESOLUTION, RESOLUTION, 3) and emoji.images.dtype.name == "uint8"
+    assert len(set(emoji.prompts)) == n  # one picture per prompt
+    for p in ("red heart", "blue heart", "cat face", "dog face", "grinning face", "red apple", "sun"):
+        assert p in emoji.prompts
+    assert all(p == p.lower() and ":" not in p and "_" not in p for p in emoji.prompts)
+    assert set(emoji.families) == set(emoji_data.FAMILIES)
+    # Drawn on white: every corner pixel is white.
+    assert (emoji.images[:, [0, -1]][:, :, [0, -1]] == 255).all()
+
+
+def test_pack_unpack_exact_and_shapes():
+    x = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    tokens = pack(x)
+    assert tokens.shape == (2, (RESOLUTION // PATCH) ** 2, 3 * PATCH * PATCH)
+    assert torch.equal(unpack(tokens, RESOLUTION, RESOLUTION), x)
+    # A token is one patch: token 1 holds pixels [0:4, 4:8].
+    assert torch.equal(tokens[0, 1].reshape(3, PATCH, PATCH), x[0, :, :PATCH, PATCH : 2 * PATCH])
+    ids = grid_ids(RESOLUTION // PATCH, RESOLUTION // PATCH)
+    assert ids.shape == (tokens.shape[1], 3) and ids[1].tolist() == [0, 0, 1]
+
+
+def test_adapter_round_trip_and_prepare(adapter, emoji):
+    pixels = torch.from_numpy(emoji.pixels()[:4])
+    latents = adapter.encode_image(pixels)
+    assert latents.dtype == torch.float32 and latents.shape == (4, 64, 48)
+    assert torch.equal(adapter.decode(latents, RESOLUTION, RESOLUTION), pixels)
+    assert adapter.image_ids(RESOLUTION, RESOLUTION).shape == (64, 3)
+    # Any size and mode goes to 32x32 RGB; transparency on white, aspect kept by white padding.
+    rgba = Image.new("RGBA", (100, 50), (255, 0, 0, 0))
+    out = adapter.prepare_image(rgba)
+    assert out.size == (RESOLUTION, RESOLUTION) and out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert adapter.prepare_image(Image.new("RGB", (64, 64), (0, 0, 255))).getpixel((16, 16)) == (0, 0, 255)
+
+
+def test_prompt_embeds_fixed_length(adapter):
+    embeds, pooled = adapter.encode_prompt(
+        ["red heart", "smiling face with open eyes and hand over mouth", "x"]
+    )
+    assert embeds.shape == (3, TEXT_LEN, TEXT_DIM) and pooled.shape == (3, TEXT_DIM)
+    # Padding carries nothing; pooled vectors have unit RMS; one prompt encodes the same alone.
+    assert embeds[2, 3:].abs().max() == 0
+    torch.testing.assert_close(pooled.pow(2).mean(1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    alone, _ = adapter.encode_prompt(["red heart"])
+    torch.testing.assert_close(alone[0], embeds[0], rtol=1e-4, atol=1e-5)
+
+
+def test_weights_bundled_small_and_match_config(adapter):
+    files = {p.name: p.stat().st_size for p in WEIGHTS_DIR.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md"} <= set(files)
+    assert files["diffusion_pytorch_model.safetensors"] <= 25 * 2**20
+    cfg = adapter.transformer.config
+    assert not cfg.guidance_embeds and cfg.in_channels == 3 * PATCH * PATCH
+    assert cfg.joint_attention_dim == TEXT_DIM == cfg.pooled_projection_dim
+
+
+def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
+    """The trained model inverts and re-samples its own emoji: FireFlow 8 steps (18 NFE)."""
+    from fireflow.demo.quality import psnr
+    from fireflow.solvers import sample
+
+    idx = list(range(0, len(emoji), len(emoji) // 12))[:12]
+    pixels = torch.from_numpy(emoji.pixels()[idx])
+    x0 = adapter.encode_image(pixels)
+    embeds, pooled = adapter.encode_prompt([emoji.prompts[i] for i in idx])
+    cond = adapter.conditioning(embeds, pooled, RESOLUTION, RESOLUTION, guidance=None)
+    ts = adapter.timesteps(8, RESOLUTION, RESOLUTION)
+    with torch.no_grad():
+
+        def v(x, t):
+            return adapter.velocity(x, t, cond)
+
+        noise = sample(v, x0, ts.flip(0), "fireflow")
+        rec = sample(v, noise, ts, "fireflow")
+    assert noise.std() > 0.5  # it really went to noise and back
+    p = psnr((adapter.decode(rec, RESOLUTION, RESOLUTION) + 1) / 2, (pixels + 1) / 2)
+    assert p.mean() > RECON_PSNR_MIN, p
+
+
+def test_training_loss_decreases_and_resume_is_exact(tmp_path):
+    from fireflow.demo.train import TrainConfig, train
+
+    tiny = TrainConfig(
+        steps=6,
+        batch_size=8,
+        lr=3e-3,
+        warmup=1,
+        model=transformer_config(
+            num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8
+        ),
+    )
+    straight = train(tmp_path / "a", tiny, device="cpu")
+    assert (tmp_path / "a" / "weights" / "config.json").is_file()
+    first = train(tmp_path / "b", tiny, until=3, device="cpu")
+    resumed = train(tmp_path / "b", resume=True, device="cpu")
+    assert resumed.step == straight.step == 6
+    resumed_state = resumed.model.state_dict()
+    for k, a in straight.model.state_dict().items():
+        assert torch.equal(a, resumed_state[k]), k
+    assert torch.equal(straight.gen.get_state(), resumed.gen.get_state())
+    # The fixed-batch loss falls from the untrained model to the trained one.
+    assert first.step == 3
+    fresh = type(straight)(tiny, torch.device("cpu"))
+    assert straight.eval_loss(64, ema=False) < fresh.eval_loss(64, ema=False)
