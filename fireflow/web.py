@@ -151,6 +151,9 @@ def build_app(
         examples = default_examples(workdir / "examples")
     edit_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
+    # The demo model has no guidance input: say so next to the knob rather than let it look broken.
+    has_guidance = bool(getattr(editor.transformer.config, "guidance_embeds", True))
+    guidance_info = "while editing" if has_guidance else "unused: this model has no guidance input"
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
         gr.Markdown(
@@ -170,7 +173,7 @@ def build_app(
                     inject = gr.Number(
                         1, label="Inject", min_width=90, precision=0, elem_id="inject", info="steps reusing V"
                     )
-                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info="while editing")
+                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info=guidance_info)
                 with gr.Row():
                     solver = gr.Dropdown(list(solvers.SOLVERS), value="fireflow", label="Solver", elem_id="solver")
                     strategy = gr.Dropdown(
@@ -183,7 +186,10 @@ def build_app(
                     blocks = gr.Textbox("all", label="Single blocks", elem_id="blocks", info="all, 20-37, 0,5,9")
                 with gr.Accordion("More", open=False):
                     inversion_guidance = gr.Number(
-                        1.0, label="Inversion guidance", elem_id="inversion-guidance", info="paper: 1"
+                        1.0,
+                        label="Inversion guidance",
+                        elem_id="inversion-guidance",
+                        info="paper: 1" if has_guidance else "unused by this model",
                     )
                 recon = gr.Checkbox(False, label="Show reconstruction (source prompt, no injection)", elem_id="recon")
                 run = gr.Button("Edit", variant="primary", elem_id="edit-button")

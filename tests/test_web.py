@@ -58,7 +58,12 @@ pytestmark = pytest.mark.skipif(bool(_missing), reason=f"browser tests need {', 
 
 # ---- the server and the browser ---------------------------------------------------------------------
 def _demo_available() -> bool:
-    return importlib.util.find_spec("fireflow.models.demo") is not None
+    """The demo model's code and weights are both in this checkout."""
+    if importlib.util.find_spec("fireflow.models.demo") is None:
+        return False
+    from fireflow.models.demo import WEIGHTS_DIR
+
+    return (WEIGHTS_DIR / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +284,6 @@ def test_edit_in_the_browser(open_page, editor, photo, tmp_path):
         assert im.format == "PNG"
         assert np.array_equal(np.asarray(im.convert("RGB")), p.image("out-edit"))
 
-    shot = os.environ.get("FIREFLOW_WEB_SCREENSHOT")  # set to refresh docs/web.png
-    if shot:
-        page.screenshot(path=shot, full_page=True)
-
 
 def test_reconstruction_and_knobs(open_page, editor, photo):
     """Changed knobs reach the editor: midpoint solver, 4 steps, inject 2, reconstruction shown."""
@@ -340,12 +341,19 @@ def test_examples_gallery(open_page, editor, tmp_path):
 
     example = default_examples(tmp_path)[0]  # the bundled emoji, or the same drawing the server made
     p = open_page()
+    p.page.locator("#recon input[type=checkbox]").check()
     p.page.locator("[data-testid=dataset-cell-0-2]").click()
     p.page.wait_for_function("() => document.querySelector('#edit-info').innerText.includes('NFE')")
     assert p.page.locator("#source textarea").input_value() == example.source
     assert f"“{example.target}”" in p.info()
-    ref = editor.edit(example.image, example.source, example.target)
+    ref = editor.edit(example.image, example.source, example.target, reconstruction=True)
     _assert_same(p.image("out-edit"), ref.image, "example edit")
+    _assert_same(p.image("out-recon"), ref.reconstruction, "example reconstruction")
+
+    shot = os.environ.get("FIREFLOW_WEB_SCREENSHOT")  # set to a path to refresh docs/web.png
+    if shot:
+        p.page.locator("#edit-info").scroll_into_view_if_needed()
+        p.page.screenshot(path=shot, full_page=True)
 
 
 def test_validation_messages(open_page, photo, tmp_path):
