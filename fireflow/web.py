@@ -165,7 +165,7 @@ def build_app(
         )
         with gr.Row():
             with gr.Column(scale=2):
-                image = _image_input(gr, max_pixels)
+                image = _image_input(gr)
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
@@ -225,21 +225,9 @@ def build_app(
     return app
 
 
-def _image_input(gr: Any, max_pixels: int | None) -> gr.Image:
-    """An image upload (or paste) that turns unreadable files into a clear message in the page."""
-
-    class ImageUpload(gr.Image):
-        is_template = True  # rendered by the stock Image component in the browser
-
-        def preprocess(self, payload: Any) -> str | None:
-            try:
-                return super().preprocess(payload)
-            except gr.Error:
-                raise
-            except Exception:  # noqa: BLE001 - Pillow raises several types for a non-image
-                raise gr.Error(NOT_AN_IMAGE, title="Not an image", print_exception=False) from None
-
-    return ImageUpload(
+def _image_input(gr: Any) -> gr.Image:
+    """An image upload (or paste) that turns an unreadable file into a clear message in the page."""
+    image = gr.Image(
         type="filepath",
         image_mode=None,  # keep the file as uploaded; fireflow.image does the conversion
         sources=["upload", "clipboard"],
@@ -247,6 +235,20 @@ def _image_input(gr: Any, max_pixels: int | None) -> gr.Image:
         elem_id="input-image",
         height=320,
     )
+    stock = image.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        try:
+            return stock(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - Pillow raises several types for a non-image
+            raise gr.Error(NOT_AN_IMAGE, title="Not an image", print_exception=False) from None
+
+    # Wrapped on this one instance, not by subclassing: Gradio writes a .pyi file next to the
+    # module of every Component subclass, and a package must not write into itself.
+    image.preprocess = preprocess
+    return image
 
 
 def _result_image(gr: Any, label: str, elem_id: str, visible: bool = True) -> gr.Image:
