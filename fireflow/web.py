@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     if args.concurrency < 1 or args.queue_size < 1 or args.max_pixels < 1:
         raise UsageError("--concurrency, --queue-size and --max-pixels must be positive")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"fireflow serve: listening on {args.host}: anyone who can reach it can run edits", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="fireflow-web-"))
     # Uploads and Gradio's copies of results go to a folder this server owns and deletes at exit.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))
