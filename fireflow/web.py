@@ -186,7 +186,7 @@ def build_app(
                         elem_id="strategy",
                     )
                     blocks = gr.Textbox("all", label="Single blocks", elem_id="blocks", info="all, 20-37, 0,5,9")
-                with gr.Accordion("More", open=False):
+                with gr.Accordion("More", open=False, elem_id="more"):
                     inversion_guidance = gr.Number(
                         1.0,
                         label="Inversion guidance",
@@ -336,9 +336,9 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         path = _save_result(out.image, workdir)
         s = out.source
         text = (
-            f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(solver)}, "
-            f"{n} steps, inject {k} · target: “{html.escape(target.strip())}”"
+            f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(describe(out.settings))}"
         )
+        text += f" · target: “{html.escape(target.strip())}”"
         return (
             s,
             out.image,
@@ -358,6 +358,17 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         return float(value)
 
     return edit
+
+
+def describe(settings: dict) -> str:
+    """The knobs an edit actually ran with (the editor's record, not the form's), in one line."""
+    blocks = settings["blocks"]
+    contiguous = list(blocks) == list(range(blocks[0], blocks[-1] + 1)) if blocks else False
+    span = f"{blocks[0]}-{blocks[-1]}" if contiguous and len(blocks) > 1 else ",".join(map(str, blocks)) or "none"
+    return (
+        f"{settings['solver']}, {settings['num_steps']} steps, inject {settings['inject']}, "
+        f"{settings['strategy']} in blocks {span}, guidance {settings['guidance']:g}"
+    )
 
 
 def _save_result(image: Any, workdir: Path) -> Path:
