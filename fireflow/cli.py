@@ -127,13 +127,13 @@ def _editor(args: argparse.Namespace):
     editor = FireFlowEditor.from_pretrained(
         args.model, device=args.device, torch_dtype=args.dtype, offload=args.offload
     )
-    note = getattr(editor.adapter, "size_note", None)
-    if note:
-        print(note, file=sys.stderr)
     return editor
 
 
-def _report(what: str, out, paths: list[Path]) -> None:
+def _report(what: str, out, paths: list[Path], image=None) -> None:
+    if image is not None and out.source is not None and out.source.size != image.size:
+        (w, h), (sw, sh) = image.size, out.source.size
+        print(f"note: the {w}x{h} input was cropped or resized to {sw}x{sh}, a size this model takes")
     print(f"{what}: {out.nfe} NFE, {out.seconds:.2f} s -> {', '.join(str(p) for p in paths)}")
 
 
@@ -172,6 +172,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         f"edit ({out.settings['solver']}, {args.steps} steps, {len(out.injections)} block calls injected)",
         out,
         outs,
+        image,
     )
 
 
@@ -189,7 +190,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     save_image_atomic(out.image, out_path)
-    _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path])
+    _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
 
 
 def cmd_invert(args: argparse.Namespace) -> None:
