@@ -99,7 +99,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         app = build_app(editor, max_pixels=args.max_pixels, concurrency=args.concurrency, workdir=workdir / "results")
         app.queue(max_size=args.queue_size)
         print(f"fireflow serve: {editor.model_name} model on http://{args.host}:{args.port}", file=sys.stderr)
-        launch(app, host=args.host, port=args.port)
+        try:
+            launch(app, host=args.host, port=args.port)
+        except OSError:  # Gradio's own message talks about launch() arguments; speak in CLI options
+            raise UsageError(
+                f"cannot listen on {args.host}:{args.port}: the port is taken or the address is not this "
+                "machine's; choose another --port or --host"
+            ) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
