@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm, too small for Chromium
 ]
 #: The server's image size limit in these tests: small, so that a "too large" upload stays cheap.
 MAX_PIXELS = 256 * 256
