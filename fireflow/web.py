@@ -161,7 +161,7 @@ def build_app(
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
     has_guidance = bool(getattr(editor.transformer.config, "guidance_embeds", True))
-    guidance_info = "while editing" if has_guidance else "unused: this model has no guidance input"
+    guidance_info = "while editing" if has_guidance else "unused by this model"
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
         gr.Markdown(
@@ -208,27 +208,21 @@ def build_app(
                     out_recon = _result_image(gr, "Reconstruction", "out-recon", visible=False)
                 info = gr.HTML(elem_id="edit-info")
                 download = gr.DownloadButton("Download edit (PNG)", interactive=False, elem_id="download")
+                gallery = None
+                if examples:  # under the results, where the page has room for it
+                    gallery = gr.Examples(
+                        [[e.image, e.source, e.target] for e in examples],
+                        inputs=[image, source, target],
+                        label="Examples: click one to run it with the knobs as set",
+                        examples_per_page=12,
+                    )
         inputs = [image, source, target, steps, inject, guidance, solver, strategy, blocks, inversion_guidance, recon]
         outputs = [out_source, out_edit, out_recon, info, download]
-        # One concurrency_id: the button and the gallery share the same bounded pool of workers.
+        # One concurrency_id: the button, Enter and the gallery share one bounded pool of workers.
         run.click(edit_fn, inputs, outputs, api_name="edit", concurrency_limit=concurrency, concurrency_id="edit")
-        target.submit(
-            edit_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
-        )
-        if examples:
-            gallery = gr.Examples(
-                [[e.image, e.source, e.target] for e in examples],
-                inputs=[image, source, target],
-                label="Examples (click one to run it with the knobs above)",
-                examples_per_page=12,
-            )
-            gallery.load_input_event.then(
-                edit_fn,
-                inputs,
-                outputs,
-                api_visibility="private",
-                concurrency_limit=concurrency,
-                concurrency_id="edit",
+        for event in (target.submit, *([gallery.load_input_event.then] if gallery else [])):
+            event(
+                edit_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
             )
     return app
 
