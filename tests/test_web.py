@@ -45,16 +45,18 @@ MAX_PIXELS = 256 * 256
 START_TIMEOUT = 180
 EDIT_TIMEOUT_MS = 90_000
 
+_HAVE_GRADIO = importlib.util.find_spec("gradio") is not None
 _missing = [
     what
     for what, present in (
         (f"chromium at {CHROMIUM}", shutil.which(CHROMIUM) is not None),
         ("the playwright package", importlib.util.find_spec("playwright") is not None),
-        ("the gradio package", importlib.util.find_spec("gradio") is not None),
+        ("the gradio package", _HAVE_GRADIO),
     )
     if not present
 ]
-pytestmark = pytest.mark.skipif(bool(_missing), reason=f"browser tests need {', '.join(_missing)} (.ci/web-deps.sh)")
+needs_browser = pytest.mark.skipif(bool(_missing), reason=f"browser tests need {', '.join(_missing)} (.ci/web-deps.sh)")
+needs_gradio = pytest.mark.skipif(not _HAVE_GRADIO, reason="the server needs gradio (.ci/web-deps.sh)")
 
 
 # ---- the server and the browser ---------------------------------------------------------------------
@@ -252,6 +254,7 @@ def _nfe(info: str) -> int:
 
 
 # ---- tests ------------------------------------------------------------------------------------------
+@needs_browser
 def test_edit_in_the_browser(open_page, editor, photo, tmp_path):
     """Defaults as in the paper; one edit shows source, edit, NFE and time, and downloads as PNG."""
     p = open_page()
@@ -287,6 +290,7 @@ def test_edit_in_the_browser(open_page, editor, photo, tmp_path):
         assert np.array_equal(np.asarray(im.convert("RGB")), p.image("out-edit"))
 
 
+@needs_browser
 def test_reconstruction_and_knobs(open_page, editor, photo):
     """Every changed knob reaches the editor; the reconstruction is shown when asked for."""
     p = open_page()
@@ -318,6 +322,7 @@ def test_reconstruction_and_knobs(open_page, editor, photo):
     _assert_same(p.image("out-recon"), ref.reconstruction, "reconstruction")
 
 
+@needs_browser
 def test_two_pages_at_once(open_page, editor, photo):
     """Two users edit at the same moment with different targets; each gets exactly its own edit."""
     targets = ("a yellow circle", "a green square on white")
@@ -342,6 +347,7 @@ def test_two_pages_at_once(open_page, editor, photo):
         _assert_same(p.image("out-edit"), ref.image, f"edit for {target!r}")
 
 
+@needs_browser
 def test_examples_gallery(open_page, editor, tmp_path):
     """Clicking the first example fills the inputs and runs its edit with the knobs on the page."""
     from fireflow.web import default_examples
@@ -363,6 +369,7 @@ def test_examples_gallery(open_page, editor, tmp_path):
         p.page.screenshot(path=shot, full_page=True)
 
 
+@needs_browser
 def test_validation_messages(open_page, photo, tmp_path):
     """Every kind of bad input gives a clear message in the page, and no result."""
     p = open_page()
@@ -410,6 +417,7 @@ def test_validation_messages(open_page, photo, tmp_path):
     assert "NFE" not in p.info()
 
 
+@needs_gradio
 def test_no_page_action_reads_server_paths(server, photo):
     """Only uploaded files are accepted as inputs, and only the app's own files are served."""
     for path in ("/etc/passwd", str(ROOT / "pyproject.toml"), str(photo)):
