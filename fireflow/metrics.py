@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 DINO_MODEL = "facebook/dino-vitb8"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -113,14 +112,14 @@ def ssim(
     about 1e-3, which is visible at the x10^2 reporting scale.
     """
     c = preds.shape[1]
+    if min(preds.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {tuple(preds.shape[-2:])}")
     win = _gaussian_window().to(preds)
     pad = (win.shape[-1] - 1) // 2
     kernel = win.expand(c, 1, *win.shape)
     x = F.pad(preds, (pad,) * 4, mode="reflect")
     y = F.pad(target, (pad,) * 4, mode="reflect")
-    mu_x, mu_y, xx, yy, xy = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=c).split(
-        preds.shape[0]
-    )
+    mu_x, mu_y, xx, yy, xy = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=c).split(preds.shape[0])
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     var_x = torch.clamp(xx - mu_x**2, min=0)
     var_y = torch.clamp(yy - mu_y**2, min=0)
@@ -153,7 +152,7 @@ def pixel_metrics(
     b = _unit_tensor(edited, keep)
     mse = torch.mean((b - a) ** 2).item()
     out = {
-        "psnr": peak_signal_noise_ratio(b, a, data_range=1.0).item(),
+        "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,  # data range 1
         "mse": mse,
         "ssim": ssim(b, a).item(),
     }
@@ -321,18 +320,32 @@ def load_lpips(
 # ---- Hugging Face models, offline ----------------------------------------------------------------
 
 
-def _load_hf(loader, name_or_path: str, what: str, **kwargs):
-    """``loader.from_pretrained`` from a local folder or the HF cache only; a clear error otherwise."""
+def _load_hf(loader, name_or_path: str, what: str, model: bool = True, **kwargs):
+    """``loader.from_pretrained`` from a local folder or the HF cache only; a clear error otherwise.
+    A model checkpoint that leaves weights uninitialised is refused: random weights would give
+    plausible-looking but meaningless numbers."""
     # Never reach the network: a missing model must fail now, not hang on a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if model:
+        kwargs["output_loading_info"] = True
     try:
-        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+        loaded = loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         raise MissingWeightsError(
             f"{what} weights '{name_or_path}' are not in a local folder or the Hugging Face cache "
             f"({type(e).__name__}); download them once (huggingface-cli download {name_or_path}) "
             "or pass a local folder."
         ) from e
+    if not model:
+        return loaded
+    loaded, info = loaded
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise MissingWeightsError(
+            f"{what} checkpoint '{name_or_path}' lacks {len(missing)} weights (first: {missing[0]}); "
+            "is it the right model?"
+        )
+    return loaded
 
 
 def _resized_size(h: int, w: int, size: int = 224, max_size: int = 480) -> tuple[int, int]:
@@ -415,9 +428,7 @@ class StructureDistance:
         return F.mse_loss(self.self_similarity(edited), self.self_similarity(source)).item()
 
 
-def load_structure_distance(
-    name_or_path: str = DINO_MODEL, device: str | torch.device = "cpu"
-) -> StructureDistance:
+def load_structure_distance(name_or_path: str = DINO_MODEL, device: str | torch.device = "cpu") -> StructureDistance:
     from transformers import ViTModel
 
     model = _load_hf(ViTModel, name_or_path, "DINO ViT-B/8", add_pooling_layer=False)
@@ -471,5 +482,5 @@ def load_clip_score(name_or_path: str = CLIP_MODEL, device: str | torch.device =
     from transformers import CLIPModel, CLIPProcessor
 
     model = _load_hf(CLIPModel, name_or_path, "CLIP ViT-L/14")
-    processor = _load_hf(CLIPProcessor, name_or_path, "CLIP ViT-L/14 processor")
+    processor = _load_hf(CLIPProcessor, name_or_path, "CLIP ViT-L/14 processor", model=False)
     return ClipScore(model.to(device), processor)

@@ -153,7 +153,7 @@ def test_types_select_a_subset(data, tmp_path):
 
 def test_other_settings_in_the_same_folder_are_refused(data, tmp_path):
     _run(data, tmp_path, limit=1)
-    with pytest.raises(pie.BenchError, match="num_steps"):
+    with pytest.raises(pie.BenchError, match="inject: 1 there, 2 now; num_steps: 8 there, 15 now"):
         pie.run_pie(data, tmp_path, FakeEdit(), {**SETTINGS, "num_steps": 15, "inject": 2}, "fake", progress=False)
 
 
@@ -254,3 +254,110 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     assert summary["overall"]["n"] == 4 and summary["settings"] == settings
     o = summary["overall"]["raw"]
     assert math.isfinite(o["psnr"]) and 0 < o["ssim"] < 1 and o["lpips"] > 0 and o["structure_distance"] > 0
+
+
+def test_json_outputs_are_standard(tmp_path):
+    from fireflow.bench import _io
+
+    _io.write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ([1, 2], "expected an object keyed by image id"),
+        ({"../x": {}}, "is not a plain name"),
+        ({"1": {"image_path": "a.jpg"}}, "entry 1 lacks field"),
+        (
+            {
+                "1": {
+                    "image_path": "../a.jpg",
+                    "original_prompt": "",
+                    "editing_prompt": "",
+                    "editing_type_id": "0",
+                    "mask": [],
+                }
+            },
+            "must be a relative path",
+        ),
+    ],
+)
+def test_bad_mapping_files_are_refused(tmp_path, mapping, message):
+    (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
+    with pytest.raises(pie.BenchError, match=message):
+        pie.load_pie(tmp_path)
+
+
+def test_eval_cli_loads_every_metric_from_local_files(data, tmp_path, capsys):
+    import torch
+
+    from fireflow.cli import main
+
+    _run(data, tmp_path / "edits", types={"6"})
+    tiny_dino().save_pretrained(tmp_path / "dino")
+    model, proc = tiny_clip(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    lp = M.SqueezeLPIPS()
+    torch.save({k: v for k, v in lp.state_dict().items() if k.startswith("features.")}, tmp_path / "sq.pth")
+    torch.save({k: v.abs() for k, v in lp.state_dict().items() if k.startswith("lin")}, tmp_path / "heads.pth")
+    argv = ["eval", "pie", "--data", str(data), "--edits", str(tmp_path / "edits"), "--types", "6", "-q"]
+    weights_none = [
+        "--dino",
+        str(tmp_path / "none"),
+        "--clip",
+        str(tmp_path / "none"),
+        "--squeezenet",
+        str(tmp_path / "none.pth"),
+    ]
+    weights = [
+        "--dino",
+        str(tmp_path / "dino"),
+        "--clip",
+        str(tmp_path / "clip"),
+        "--squeezenet",
+        str(tmp_path / "sq.pth"),
+        "--lpips-heads",
+        str(tmp_path / "heads.pth"),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv + weights) == 0
+    out = capsys.readouterr()
+    assert "skipped" not in out.err and "Structure x1e3" in out.out and "CLIP edited" in out.out
+    summary = json.loads((tmp_path / "edits" / "eval_summary.json").read_text())
+    assert summary["metrics"] == list(pie.COLUMNS) and summary["overall"]["n"] == 2
+    # Without the weights: each learned metric is skipped with a message, the rest still computed.
+    assert main(argv + weights_none) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 3
+    assert json.loads((tmp_path / "edits" / "eval_summary.json").read_text())["metrics"] == ["psnr", "mse", "ssim"]
+
+
+def test_cli_checks_the_folder_before_loading_a_model(data, tmp_path, capsys):
+    from fireflow.cli import main
+
+    _run(data, tmp_path, limit=1)
+    argv = ["bench", "pie", "--data", str(data), "--out", str(tmp_path), "--model", "no/such-model", "-q"]
+    assert main([*argv, "--steps", "15", "--inject", "2"]) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err  # not a model-not-found error
+    assert main([*argv, "--inject", "9"]) == 2
+    assert "--inject must be between 0 and --steps=8" in capsys.readouterr().err
+
+
+def test_eval_compares_several_edit_folders(data, tmp_path, capsys):
+    from fireflow.cli import main
+
+    _run(data, tmp_path / "blur", types={"0"})
+    pie.run_pie(data, tmp_path / "same", lambda im, s, t: Outcome(im, 9, 0.0), SETTINGS, "id", {"0"}, progress=False)
+    argv = ["eval", "pie", "--data", str(data), "--types", "0", "-q", "--skip", "structure", "clip", "lpips"]
+    assert main([*argv, "--edits", str(tmp_path / "blur"), str(tmp_path / "same"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("overall\n")[-1]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert rows["blur"][1:3] == ["2", "18"] and rows["same"][1:3] == ["2", "9"]
+    assert float(rows["same"][3]) > float(rows["blur"][3])  # PSNR: re-encoding only beats a blur
+    assert (tmp_path / "ev" / "blur" / "eval_summary.json").is_file()
+    assert (tmp_path / "ev" / "same" / "eval_per_image.csv").is_file()
+    assert (tmp_path / "ev" / "comparison.txt").read_text().strip() == table.strip()

@@ -70,11 +70,33 @@ def test_solvers_by_steps_with_a_tiny_flux(images, tmp_path, tiny_editor):
         assert run["mse"] == pytest.approx(sum(r["mse"] for r in run["per_image"]) / 2)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["model"] == "tiny" and len(saved["runs"]) == 6
-    assert (tmp_path / "table.txt").read_text().count("\n") == 2 + 6
+    assert (tmp_path / "table.txt").read_text().count("\n") == 2 + 6 + 1  # header, rule, runs, orders
+    assert set(saved["order"]) == {"fireflow", "midpoint", "euler"}
     with Image.open(tmp_path / "error_vs_nfe.png") as im:
         assert im.width > 300
     with Image.open(tmp_path / "comparison_grid.png") as im:
         assert im.size == (160 * 7, 18 + 160 * 2)  # source + 6 runs, 2 images
+    # A rerun with the same inputs reuses every finished run: the editor is not called again.
+    grid = (tmp_path / "comparison_grid.png").read_bytes()
+    again = R.run_reconstruct(
+        object(),
+        files,
+        ["a red circle", "a blue square"],
+        ["fireflow", "midpoint", "euler"],
+        [1, 3],
+        tmp_path,
+        progress=False,
+        model="tiny",
+    )
+    assert again["runs"] == saved["runs"] and (tmp_path / "comparison_grid.png").read_bytes() == grid
+
+
+def test_fitted_order_is_the_rmse_slope():
+    runs = [{"solver": "s", "nfe": n, "mse": (1 / n**2) ** 2} for n in (4, 8, 16)]  # RMSE ~ NFE^-2
+    runs += [{"solver": "e", "nfe": n, "mse": 3.0 / n**2} for n in (4, 8)]  # RMSE ~ NFE^-1
+    runs += [{"solver": "one", "nfe": 4, "mse": 0.1}]  # one point: no fit
+    orders = R.fitted_orders(runs)
+    assert orders["s"] == pytest.approx(2.0) and orders["e"] == pytest.approx(1.0) and "one" not in orders
 
 
 def test_cli_rejects_bad_input_before_loading_a_model(images, tmp_path, capsys):

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from scipy.signal import convolve2d
 
 from fireflow import metrics as M
 from fireflow.bench._tiny import tiny_clip, tiny_dino
@@ -119,7 +118,8 @@ def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
         x, y = a[..., c], b[..., c]
 
         def f(z):
-            return convolve2d(z, win, mode="valid")
+            windows = np.lib.stride_tricks.sliding_window_view(z, (11, 11))
+            return np.einsum("ijkl,kl->ij", windows, win)
 
         mx, my = f(x), f(y)
         sxx, syy, sxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
@@ -139,7 +139,8 @@ def test_ssim_matches_its_definition_on_masked_images():
 
 
 def test_ssim_without_border_crop_is_current_torchmetrics():
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    tm_image = pytest.importorskip("torchmetrics.functional.image")
+    structural_similarity_index_measure = tm_image.structural_similarity_index_measure
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(1, 3, 40, 40, generator=g), torch.rand(1, 3, 40, 40, generator=g)
@@ -185,16 +186,26 @@ def test_squeezenet_keys_are_torchvisions():
         assert k in keys
 
 
-def test_lpips_taps_and_bundled_heads(tmp_path):
+def _heads_file(path) -> None:
+    """Random non-negative heads in the ``lpips`` package's format (``lin0.model.1.weight`` ...)."""
+    g = torch.Generator().manual_seed(1)
+    torch.save(
+        {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(M.SqueezeLPIPS.CHANNELS)},
+        path,
+    )
+
+
+def test_lpips_taps_and_masked_inputs(tmp_path):
     torch.manual_seed(0)
     model = M.SqueezeLPIPS()
     sq = tmp_path / "squeezenet.pth"
     torch.save(_torchvision_like_state(model), sq)
-    lp = M.load_lpips(squeezenet=sq)  # heads: torchmetrics' bundled squeeze.pth (lpips v0.1 format)
+    _heads_file(tmp_path / "squeeze.pth")
+    lp = M.load_lpips(squeezenet=sq, heads=tmp_path / "squeeze.pth")
+    torch.testing.assert_close(lp.features[0].weight, torch.load(sq)["features.0.weight"])
     taps = lp._taps(torch.zeros(1, 3, 512, 512))
     assert [t.shape[1] for t in taps] == list(M.SqueezeLPIPS.CHANNELS)
     assert [t.shape[-1] for t in taps] == [255, 127, 63, 31, 31, 31, 31]
-    assert lp.lin0.model[1].weight.abs().sum() > 0
     rng = np.random.default_rng(3)
     a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -207,6 +218,34 @@ def test_lpips_taps_and_bundled_heads(tmp_path):
     assert out["lpips"] == pytest.approx(lp(tb * 2 - 1, ta * 2 - 1).item(), rel=1e-6)
     assert out["lpips"] > 0
     assert M.background_metrics(a, a, mask, lpips=lp)["lpips"] == pytest.approx(0, abs=1e-7)
+
+
+def test_lpips_by_hand():
+    # LPIPS = sum over taps of mean_hw( w . (unit(f_a) - unit(f_b))^2 ), after the scaling layer.
+    torch.manual_seed(0)
+    lp = M.SqueezeLPIPS()
+    for i in range(7):
+        getattr(lp, f"lin{i}").model[1].weight.data.uniform_(0, 1)
+    a, b = torch.rand(1, 3, 48, 48) * 2 - 1, torch.rand(1, 3, 48, 48) * 2 - 1
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    x, y, total = (a - shift) / scale, (b - shift) / scale, 0.0
+    for i, layer in enumerate(lp.features):
+        x, y = layer(x), layer(y)
+        if i in M.SqueezeLPIPS.TAPS:
+            j = M.SqueezeLPIPS.TAPS.index(i)
+            w = getattr(lp, f"lin{j}").model[1].weight.view(1, -1, 1, 1)
+            ux = x / (x.norm(dim=1, keepdim=True) + 1e-10)
+            uy = y / (y.norm(dim=1, keepdim=True) + 1e-10)
+            total += ((ux - uy) ** 2 * w).sum(1).mean().item()
+    assert lp(a, b).item() == pytest.approx(total, rel=1e-5)
+
+
+def test_lpips_heads_bundled_with_torchmetrics_load(tmp_path):
+    pytest.importorskip("torchmetrics")
+    torch.save(_torchvision_like_state(M.SqueezeLPIPS()), tmp_path / "sq.pth")
+    lp = M.load_lpips(squeezenet=tmp_path / "sq.pth")  # heads: torchmetrics' squeeze.pth (lpips format)
+    assert lp.lin6.model[1].weight.shape == (1, 512, 1, 1) and lp.lin6.model[1].weight.min() >= 0
 
 
 def test_missing_lpips_weights_name_the_file(tmp_path):
@@ -298,6 +337,39 @@ def test_clip_whole_and_edited_with_a_tiny_model(tmp_path):
 # ---- missing HF weights --------------------------------------------------------------------------
 
 
+def _old_vit_name(key: str) -> str:
+    """transformers 4.x names, as facebook/dino-vitb8's checkpoint on the Hub has them."""
+    key = key.replace("layers.", "encoder.layer.")
+    for new, old in (
+        ("q_proj", "attention.query"),
+        ("k_proj", "attention.key"),
+        ("v_proj", "attention.value"),
+        ("o_proj", "output.dense"),
+    ):
+        key = key.replace(f"attention.{new}", f"attention.{old}")
+    return key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+
+
+def test_dino_checkpoint_with_hub_names_loads_every_weight(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_dino()
+    sd = model.state_dict()
+    old = {_old_vit_name(k): v.contiguous() for k, v in sd.items()}
+    assert "encoder.layer.11.attention.attention.key.weight" in old
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**model.config.to_dict(), "architectures": ["ViTModel"]}))
+    loaded = M.load_structure_distance(str(tmp_path)).model.state_dict()
+    assert all(torch.equal(sd[k], loaded[k]) for k in sd)
+    # A checkpoint missing weights is refused rather than run with random ones.
+    del old["encoder.layer.11.attention.attention.key.weight"]
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(M.MissingWeightsError, match="lacks 1 weights"):
+        M.load_structure_distance(str(tmp_path))
+
+
 def test_missing_hf_weights_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     t = time.perf_counter()
@@ -306,3 +378,13 @@ def test_missing_hf_weights_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(M.MissingWeightsError, match="CLIP"):
         M.load_clip_score(str(tmp_path / "no-clip-here"))
     assert time.perf_counter() - t < 20
+
+
+def test_clip_loads_from_a_local_folder(tmp_path):
+    model, proc = tiny_clip(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    loaded = M.load_clip_score(str(tmp_path / "clip"))
+    img = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    expected = M.ClipScore(model, proc)([img], ["a red cat"])[0]
+    assert loaded([img], ["a red cat"])[0] == pytest.approx(expected, rel=1e-5, abs=1e-5)

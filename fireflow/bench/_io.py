@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +36,19 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def finite(obj: Any) -> Any:
+    """NaN and inf to None, recursively, so the JSON is standard (null: the metric is undefined)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_image(image: Image.Image, path: Path) -> None:

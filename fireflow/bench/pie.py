@@ -22,11 +22,12 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -106,9 +107,14 @@ def load_pie(data: Path, types: set[str] | None = None) -> list[PieItem]:
         mapping = json.loads(mapping_file.read_text())
     except json.JSONDecodeError as e:
         raise BenchError(f"{mapping_file} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict):
+        raise BenchError(f"{mapping_file}: expected an object keyed by image id, got {type(mapping).__name__}")
     items = []
     for key in sorted(mapping):
         e = mapping[key]
+        # Ids name record files and image paths name outputs: neither may leave the output folder.
+        if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
+            raise BenchError(f"{mapping_file}: image id {key!r} is not a plain name like 000000000000")
         try:
             item = PieItem(
                 key,
@@ -120,6 +126,9 @@ def load_pie(data: Path, types: set[str] | None = None) -> list[PieItem]:
             )
         except (KeyError, TypeError) as err:
             raise BenchError(f"{mapping_file}: entry {key} lacks field {err}") from None
+        rel = PurePosixPath(item.image_path)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise BenchError(f"{mapping_file}: entry {key} image_path {item.image_path!r} must be a relative path")
         if types is None or item.type_id in types:
             items.append(item)
     if not items:
@@ -151,19 +160,23 @@ def merge_records(out: Path) -> int:
     return len(lines)
 
 
-def _check_run_file(out: Path, run: dict[str, Any]) -> None:
-    """A folder holds one configuration: resuming with other settings would mix two runs."""
-    path = out / RUN_FILE
+def check_inputs(data: Path, out: Path, types: set[str] | None, run: dict[str, Any]) -> list[PieItem]:
+    """Everything checkable before a model is loaded: the dataset, its source images, and that
+    ``out`` holds no run with other settings (resuming it would mix two configurations)."""
+    items = load_pie(data, types)
+    missing = [it.image_path for it in items if not (Path(data) / IMAGES_DIR / it.image_path).is_file()]
+    if missing:
+        raise BenchError(f"{len(missing)} source images missing under {Path(data) / IMAGES_DIR}, first: {missing[0]}")
+    path = Path(out) / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != run:
-            diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
-            raise BenchError(
-                f"--out {out} holds a run with other settings ({', '.join(diff)}: "
-                f"{ {k: old.get(k) for k in diff} }); use another --out to compare settings"
-            )
-    else:
-        _io.write_json(path, run)
+        flat_old = {"model": old.get("model"), **old.get("settings", {})}
+        flat_new = {"model": run["model"], **run["settings"]}
+        diff = [k for k in dict.fromkeys([*flat_old, *flat_new]) if flat_old.get(k) != flat_new.get(k)]
+        if diff:
+            said = "; ".join(f"{k}: {flat_old.get(k)!r} there, {flat_new.get(k)!r} now" for k in diff)
+            raise BenchError(f"--out {out} holds a run with other settings ({said}); use another --out")
+    return items
 
 
 def run_pie(
@@ -182,11 +195,10 @@ def run_pie(
     Returns counts: ``share``, ``skipped`` (already done), ``edited``, ``merged`` (records in the
     merged file, or 0 when other shares are still running)."""
     data, out = Path(data), Path(out)
-    items = load_pie(data, types)
-    missing = [it.image_path for it in items if not (data / IMAGES_DIR / it.image_path).is_file()]
-    if missing:
-        raise BenchError(f"{len(missing)} source images missing under {data / IMAGES_DIR}, first: {missing[0]}")
-    _check_run_file(out, {"model": model, "settings": settings})
+    run = {"model": model, "settings": settings}
+    items = check_inputs(data, out, types, run)
+    if not (out / RUN_FILE).is_file():
+        _io.write_json(out / RUN_FILE, run)
     share = items[rank::world]
     pending = [it for it in share if not is_done(out, it)]
     todo = pending if limit is None else pending[: max(limit, 0)]
@@ -237,7 +249,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") 
     p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes what is there)")
     p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
-    p.add_argument("--limit", type=int, default=None, help="edit at most this many images in this run")
+    p.add_argument("--limit", type=int, default=None, help="edit at most this many images (per process) in this run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
     add_edit_options(p)
@@ -250,7 +262,7 @@ def bench_cli(args: argparse.Namespace) -> dict[str, int]:
     settings = _editing.settings_from_args(args)
     rank, world, local = _editing.dist_env()
     types = parse_types(args.types)
-    load_pie(args.data, types)  # fail on bad data before loading a model
+    check_inputs(args.data, args.out, types, {"model": str(args.model), "settings": settings})  # before the model
     editor = _editing.load_editor(args, local)
     edit = _editing.edit_fn(editor, settings, args.feature_device)
     counts = run_pie(
@@ -415,8 +427,12 @@ def evaluate_pie(
     summary = summarize(rows, metrics)
     records = edits / MERGED
     if records.is_file():
-        first = json.loads(records.read_text().splitlines()[0])
-        summary["model"], summary["settings"] = first.get("model"), first.get("settings")
+        ids = {it.key for it in items}
+        recs = [r for r in map(json.loads, records.read_text().splitlines()) if r["id"] in ids]
+        if recs:
+            summary["model"], summary["settings"] = recs[0].get("model"), recs[0].get("settings")
+            summary["nfe"] = float(np.mean([r["nfe"] for r in recs]))
+            summary["seconds"] = float(np.mean([r["seconds"] for r in recs]))
     summary["metrics"] = metrics
     summary["scale"] = {m: COLUMNS[m][1] for m in metrics}
     buf = io.StringIO()
@@ -424,17 +440,41 @@ def evaluate_pie(
     w.writeheader()
     w.writerows(rows)
     _io.write_text(out / "eval_per_image.csv", buf.getvalue())
-    _io.write_text(out / "eval_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _io.write_json(out / "eval_summary.json", summary)
     summary["table"] = format_table(summary, metrics)
     return summary
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """One overall row per edits folder, side by side (the paper's table layout)."""
+    metrics = [m for m in COLUMNS if all(m in s["metrics"] for s in summaries.values())]
+    head = ["edits", "N", "NFE", *[COLUMNS[m][0] for m in metrics]]
+    body = []
+    for name, s in summaries.items():
+        nfe = f"{s['nfe']:.0f}" if "nfe" in s else "-"
+        body.append([name, str(s["overall"]["n"]), nfe, *[f"{s['overall']['scaled'][m]:.2f}" for m in metrics]])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow eval``."""
     p = subparsers.add_parser(name, help="score PIE-Bench edits (structure, background, CLIP)")
     p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
-    p.add_argument("--edits", required=True, type=Path, help="the --out folder of `fireflow bench pie`")
-    p.add_argument("--out", type=Path, default=None, help="where to write the CSV and JSON (default: --edits)")
+    p.add_argument(
+        "--edits", required=True, type=Path, nargs="+", help="--out folder(s) of `fireflow bench pie`; several compare"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write CSV and JSON (default: each --edits; OUT/<name> for several)",
+    )
     p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     w = p.add_argument_group("metric weights (local files / HF cache only, never downloaded)")
@@ -448,18 +488,30 @@ def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -
     return p
 
 
-def eval_cli(args: argparse.Namespace) -> dict[str, Any]:
+def eval_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``fireflow eval pie``. Bad input raises ValueError (the CLI prints it, exit status 2)."""
     types = parse_types(args.types)
-    check_edits(args.data, args.edits, types)  # before loading any model
+    edits = list(dict.fromkeys(args.edits))
+    names = [e.resolve().name for e in edits]
+    if len(set(names)) != len(names):
+        raise BenchError(f"--edits folders must have distinct names to be compared, got {', '.join(names)}")
+    for e in edits:
+        check_edits(args.data, e, types)  # before loading any model
     device = args.device or _editing.default_device(0)
     models, notes = load_metric_models(args.dino, args.clip, args.squeezenet, args.lpips_heads, device, args.skip)
     for n in notes:
         print(n, file=sys.stderr)
-    summary = evaluate_pie(args.data, args.edits, args.out, models, types, progress=not args.quiet)
-    print(summary["table"])
-    print(f"wrote {(args.out or args.edits) / 'eval_per_image.csv'} and eval_summary.json")
-    return summary
+    summaries = {}
+    for name, e in zip(names, edits, strict=True):
+        out = e if args.out is None else (args.out / name if len(edits) > 1 else args.out)
+        summaries[name] = evaluate_pie(args.data, e, out, models, types, progress=not args.quiet)
+        print(f"\n{e}\n{summaries[name]['table']}\nwrote {out / 'eval_per_image.csv'} and eval_summary.json")
+    if len(edits) > 1:
+        table = format_comparison(summaries)
+        print(f"\noverall\n{table}")
+        if args.out is not None:
+            _io.write_text(args.out / "comparison.txt", table + "\n")
+    return summaries
 
 
 def main(argv: list[str] | None = None) -> int:
