@@ -74,9 +74,7 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
 
 
 def test_prompt_embeds_fixed_length(adapter):
-    embeds, pooled = adapter.encode_prompt(
-        ["red heart", "smiling face with open eyes and hand over mouth", "x"]
-    )
+    embeds, pooled = adapter.encode_prompt(["red heart", "smiling face with open eyes and hand over mouth", "x"])
     assert embeds.shape == (3, TEXT_LEN, TEXT_DIM) and pooled.shape == (3, TEXT_DIM)
     # Padding carries nothing; pooled vectors have unit RMS; one prompt encodes the same alone.
     assert embeds[2, 3:].abs().max() == 0
@@ -117,21 +115,28 @@ def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
     assert p.mean() > RECON_PSNR_MIN, p
 
 
-def test_training_loss_decreases_and_resume_is_exact(tmp_path):
+def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
     from fireflow.demo.train import TrainConfig, train
 
+    subset = tmp_path / "emoji8.npz"
+    pick = slice(0, 240, 30)
+    emoji_data.save(
+        emoji_data.EmojiSet(emoji.images[pick], emoji.prompts[pick], emoji.chars[pick], emoji.families[pick]),
+        subset,
+    )
     tiny = TrainConfig(
         steps=6,
         batch_size=8,
         lr=3e-3,
         warmup=1,
-        model=transformer_config(
-            num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8
-        ),
+        model=transformer_config(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8),
+        data=str(subset),
     )
     straight = train(tmp_path / "a", tiny, device="cpu")
     assert (tmp_path / "a" / "weights" / "config.json").is_file()
+    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 1  # the final step is logged
     first = train(tmp_path / "b", tiny, until=3, device="cpu")
+    assert first.step == 3
     resumed = train(tmp_path / "b", resume=True, device="cpu")
     assert resumed.step == straight.step == 6
     resumed_state = resumed.model.state_dict()
@@ -139,6 +144,5 @@ def test_training_loss_decreases_and_resume_is_exact(tmp_path):
         assert torch.equal(a, resumed_state[k]), k
     assert torch.equal(straight.gen.get_state(), resumed.gen.get_state())
     # The fixed-batch loss falls from the untrained model to the trained one.
-    assert first.step == 3
     fresh = type(straight)(tiny, torch.device("cpu"))
     assert straight.eval_loss(64, ema=False) < fresh.eval_loss(64, ema=False)

@@ -207,9 +207,7 @@ def render_examples(prompts: list[str], folder: Path, size: int = 128) -> list[P
     from PIL import ImageFont
 
     font = ImageFont.truetype(FONT_PATH, FONT_SIZE)
-    chars = {
-        p: c for c, p in (qualified(chr(code)) or ("", "") for codes in FAMILIES.values() for code in codes)
-    }
+    chars = {p: c for c, p in (qualified(chr(code)) or ("", "") for codes in FAMILIES.values() for code in codes)}
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for prompt in prompts:

@@ -12,7 +12,8 @@
   inject 0..3; success when the edited image's nearest training emoji is the target.
 
 Writes ``quality.json``, ``edits.png`` (source | edit at inject 0..3 | target) and
-``generated.png``, and prints tables. Everything is batched: one pass per setting.
+``generated.png``, and prints tables. Everything is batched: one pass per setting. Threads
+default to 1, as in training (a busy 2-core machine runs the tiny model fastest on one).
 """
 
 from __future__ import annotations
@@ -61,6 +62,26 @@ EDIT_PAIRS: list[tuple[str, str]] = [
     ("cloud", "cloud with rain"),
     ("cloud with rain", "cloud with snow"),
     ("snowman", "snowman without snow"),
+]
+
+#: Candidate edits of the images in ``examples/`` (file stem, source prompt, target prompt), run
+#: through the image API as the CLI runs them; the ones that land are listed in examples/README.md.
+EXAMPLE_EDITS: list[tuple[str, str, str]] = [
+    ("red_heart", "red heart", "blue heart"),
+    ("red_heart", "red heart", "green heart"),
+    ("red_heart", "red heart", "purple heart"),
+    ("red_heart", "red heart", "broken heart"),
+    ("yellow_heart", "yellow heart", "green heart"),
+    ("cat_face", "cat face", "dog face"),
+    ("cat_face", "cat face", "tiger face"),
+    ("cat_face", "cat face", "fox"),
+    ("grinning_face", "grinning face", "winking face"),
+    ("grinning_face", "grinning face", "smiling face with sunglasses"),
+    ("grinning_face", "grinning face", "loudly crying face"),
+    ("red_apple", "red apple", "green apple"),
+    ("red_apple", "red apple", "tomato"),
+    ("cloud", "cloud", "cloud with rain"),
+    ("cloud", "cloud", "cloud with snow"),
 ]
 
 #: Reconstruction settings compared at equal NFE: (label, solver, steps).
@@ -183,9 +204,7 @@ class Quality:
             "psnr_by_family": _by_family(p, self.data.families),
         }
 
-    def edit(
-        self, pairs: list[tuple[str, str]], inject: int, num_steps: int = 8
-    ) -> tuple[dict, torch.Tensor]:
+    def edit(self, pairs: list[tuple[str, str]], inject: int, num_steps: int = 8) -> tuple[dict, torch.Tensor]:
         src = torch.tensor([self.data.index(a) for a, _ in pairs])
         tgt = torch.tensor([self.data.index(b) for _, b in pairs])
         latents = self.editor.edit_latents(
@@ -222,6 +241,28 @@ class Quality:
         }
         return result, images
 
+    def examples(self, folder: Path, edits: list[tuple[str, str, str]] = EXAMPLE_EDITS) -> tuple[list, list]:
+        """The example edits through ``editor.edit`` at its defaults, from the PNG files."""
+        from fireflow.image import to_tensor
+
+        ref = (self.pixels + 1) / 2
+        rows, images = [], []
+        for stem, source, target in edits:
+            out = self.editor.edit(folder / f"{stem}.png", source, target)
+            img = (to_tensor(out.image) + 1) / 2
+            top = int(nearest(img, ref, k=1)[0, 0])
+            rows.append(
+                {
+                    "command": f'fireflow edit examples/{stem}.png -s "{source}" -t "{target}"'
+                    f" -o {target.replace(' ', '_')}.png",
+                    "nearest": self.data.prompts[top],
+                    "success": self.data.prompts[top] == target,
+                    "seconds": round(out.seconds, 2),
+                }
+            )
+            images.append(img)
+        return rows, images
+
 
 def _by_family(values: torch.Tensor, families: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -252,50 +293,75 @@ def _save_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def run(out: Path, weights: str | None = None, batch_size: int = 128) -> dict:
-    """All three measurements; writes ``quality.json`` and the PNGs into ``out``."""
+PARTS = ("generation", "reconstruction", "editing", "examples")
+
+
+def run(out: Path, weights: str | None = None, batch_size: int = 128, parts: tuple[str, ...] = PARTS) -> dict:
+    """The measurements named in ``parts``; writes ``quality.json`` and the PNGs into ``out``."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part {bad[0]!r}; accepted: {', '.join(PARTS)}")
     out.mkdir(parents=True, exist_ok=True)
     adapter = DemoAdapter.from_pretrained(weights)
     q = Quality(adapter, batch_size=batch_size)
+    ref = (q.pixels + 1) / 2
     report: dict = {"weights": str(weights or "bundled"), "n_emoji": len(q.data)}
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    report["generation"], generated = q.generate()
-    timings["generation"] = time.perf_counter() - t0
-    ref = (q.pixels + 1) / 2
-    _save_atomic(out / "generated.png", lambda p: to_grid([ref[:60], generated[:60]]).save(p, format="PNG"))
-    g = report["generation"]
-    print(f"\nprompt fidelity (FireFlow 8 steps, {g['n']} prompts):", end=" ")
-    print(f"top-1 {g['top1']:.1%}  top-5 {g['top5']:.1%}")
-
-    report["reconstruction"] = {}
-    print(f"\n{'reconstruction':<14} {'NFE':>4} {'PSNR dB':>8} {'min':>6} {'SSIM':>7}")
-    for label, solver, steps in RECON_SETTINGS:
+    if "generation" in parts:
         t0 = time.perf_counter()
-        r = q.reconstruct(solver, steps)
-        timings[f"reconstruction {label}"] = time.perf_counter() - t0
-        report["reconstruction"][label] = r
-        print(f"{label:<14} {r['nfe']:>4} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} {r['ssim']:>7.4f}")
+        report["generation"], generated = q.generate()
+        timings["generation"] = time.perf_counter() - t0
+        grid = to_grid([ref[:60], generated[:60]])
+        _save_atomic(out / "generated.png", lambda p: grid.save(p, format="PNG"))
+        g = report["generation"]
+        print(f"\nprompt fidelity (FireFlow 8 steps, {g['n']} prompts):", end=" ")
+        print(f"top-1 {g['top1']:.1%}  top-5 {g['top5']:.1%}")
 
-    report["editing"] = {}
-    cols = [ref[torch.tensor([q.data.index(a) for a, _ in EDIT_PAIRS])]]
-    print(
-        f"\nediting ({len(EDIT_PAIRS)} within-family pairs, FireFlow 8 steps, replace_v, all single blocks)"
-    )
-    for inject in range(4):
+    if "reconstruction" in parts:
+        report["reconstruction"] = {}
+        print(f"\n{'reconstruction':<14} {'NFE':>4} {'PSNR dB':>8} {'min':>6} {'SSIM':>7}")
+        for label, solver, steps in RECON_SETTINGS:
+            t0 = time.perf_counter()
+            r = q.reconstruct(solver, steps)
+            timings[f"reconstruction {label}"] = time.perf_counter() - t0
+            report["reconstruction"][label] = r
+            print(f"{label:<14} {r['nfe']:>4} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} {r['ssim']:>7.4f}")
+
+    if "editing" in parts:
+        report["editing"] = {}
+        cols = [ref[torch.tensor([q.data.index(a) for a, _ in EDIT_PAIRS])]]
+        print(f"\nediting ({len(EDIT_PAIRS)} within-family pairs, FireFlow 8 steps, replace_v, all single blocks)")
+        for inject in range(4):
+            t0 = time.perf_counter()
+            r, images = q.edit(EDIT_PAIRS, inject)
+            timings[f"editing inject {inject}"] = time.perf_counter() - t0
+            report["editing"][f"inject_{inject}"] = r
+            cols.append(images)
+            print(f"inject {inject}: success {r['success']:.1%}")
+        cols.append(ref[torch.tensor([q.data.index(b) for _, b in EDIT_PAIRS])])
+        grid = to_grid(cols)
+        _save_atomic(out / "edits.png", lambda p: grid.save(p, format="PNG"))
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    if "examples" in parts and examples.is_dir():
         t0 = time.perf_counter()
-        r, images = q.edit(EDIT_PAIRS, inject)
-        timings[f"editing inject {inject}"] = time.perf_counter() - t0
-        report["editing"][f"inject_{inject}"] = r
-        cols.append(images)
-        print(f"inject {inject}: success {r['success']:.1%}")
-    cols.append(ref[torch.tensor([q.data.index(b) for _, b in EDIT_PAIRS])])
-    _save_atomic(out / "edits.png", lambda p: to_grid(cols).save(p, format="PNG"))
+        rows, images = q.examples(examples)
+        timings["examples"] = time.perf_counter() - t0
+        report["examples"] = rows
+        hits = sum(r["success"] for r in rows)
+        print(f"\nexample edits (examples/, image API at its defaults): {hits}/{len(rows)}")
+        for r in rows:
+            print(f"  {'ok  ' if r['success'] else 'MISS'} {r['command']}  -> nearest: {r['nearest']}")
+        src = ref[torch.tensor([q.data.index(a) for _, a, _ in EXAMPLE_EDITS])]
+        tgt = ref[torch.tensor([q.data.index(b) for _, _, b in EXAMPLE_EDITS])]
+        grid = to_grid([src, torch.cat(images), tgt])
+        _save_atomic(out / "examples.png", lambda p: grid.save(p, format="PNG"))
+
     report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     text = json.dumps(report, indent=2)
     _save_atomic(out / "quality.json", lambda p: Path(p).write_text(text))
-    print(f"\nwrote {out / 'quality.json'}, {out / 'edits.png'}, {out / 'generated.png'}")
+    print(f"\nwrote {out / 'quality.json'} and PNGs")
     return report
 
 
@@ -304,11 +370,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--weights", default=None, help="a save_pretrained folder (default: the bundled weights)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (see the module docstring)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    run(args.out, args.weights, args.batch_size)
+    run(args.out, args.weights, args.batch_size, tuple(p.strip() for p in args.parts.split(",") if p.strip()))
 
 
 if __name__ == "__main__":

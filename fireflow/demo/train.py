@@ -9,6 +9,9 @@ through the same resolution shift the sampling grid uses. The run is determinist
 one generator draws batches, times and noise, and its state is checkpointed, so a resumed run
 continues exactly where it stopped. Loss goes to ``log.jsonl``; the EMA weights are exported with
 ``save_pretrained`` to ``OUT/weights`` at every checkpoint.
+
+Threads default to 1: the model is tiny, and on a shared, busy CPU a second OpenMP thread spins
+at every barrier while the first waits for a core, which was measured 10-30 times slower.
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ def export_weights(model: torch.nn.Module, folder: Path) -> None:
     """``save_pretrained`` into a temp folder beside ``folder``, then swap it in."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".weights-"))
     model.save_pretrained(tmp)
+    for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; the weights are meant to be shipped
+        f.chmod(0o755 if f.is_dir() else 0o644)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
@@ -242,15 +247,13 @@ def main() -> None:
     p.add_argument("--single-layers", type=int, default=8, help="single-stream blocks")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: all cores; 1 on a busy machine)"
-    )
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (see the module docstring)")
     p.add_argument("--device", default=None)
     args = p.parse_args()
     # Before any thread pool exists, so every worker thread inherits it: denormals in small Adam
     # states and activations slow CPUs down severalfold.
     torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,

@@ -141,6 +141,12 @@ class DemoAdapter(ModelAdapter):
         self.text_encoder = text_encoder or MiniLMEncoder(device=self.device)
         self.patch = PATCH
 
+    @property
+    def size_note(self) -> str:
+        """What front ends print: every input is resized to the model's resolution."""
+        r = self.resolution
+        return f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"
+
     @classmethod
     def from_pretrained(
         cls,
