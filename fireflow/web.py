@@ -169,7 +169,7 @@ def build_app(
             "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
             "reusing the attention values of the inversion "
             "([FireFlow](https://arxiv.org/abs/2412.07517), Deng et al., ICML 2025). "
-            f"Model: `{editor.model_name}`." + (f" {html.escape(size_note)}" if size_note else "")
+            f"Model: `{editor.model_name}`." + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
         )
         with gr.Row():
             with gr.Column(scale=2):
