@@ -176,12 +176,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> None:
-    out_path = _output(args.output, IMAGE_SUFFIXES)
-    image = load_image(args.image, args.max_pixels)
-    out = _editor(args).reconstruct(
-        image,
-        args.prompt,
+def _pass_kwargs(args: argparse.Namespace) -> dict:
+    """The options ``reconstruct`` and ``invert`` share."""
+    return dict(
         num_steps=args.steps,
         guidance=args.guidance,
         solver=args.solver,
@@ -189,6 +186,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         max_pixels=args.max_pixels,
         progress=not args.quiet,
     )
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    out_path = _output(args.output, IMAGE_SUFFIXES)
+    image = load_image(args.image, args.max_pixels)
+    out = _editor(args).reconstruct(image, args.prompt, **_pass_kwargs(args))
     save_image_atomic(out.image, out_path)
     _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
 
@@ -199,16 +202,7 @@ def cmd_invert(args: argparse.Namespace) -> None:
 
     out_path = _output(args.output, (".safetensors",))
     image = load_image(args.image, args.max_pixels)
-    out = _editor(args).invert(
-        image,
-        args.prompt,
-        num_steps=args.steps,
-        guidance=args.guidance,
-        solver=args.solver,
-        resize=args.resize,
-        max_pixels=args.max_pixels,
-        progress=not args.quiet,
-    )
+    out = _editor(args).invert(image, args.prompt, **_pass_kwargs(args))
     meta = {k: str(v) for k, v in out.settings.items()}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     if args.concurrency < 1 or args.queue_size < 1 or args.max_pixels < 1:
         raise UsageError("--concurrency, --queue-size and --max-pixels must be positive")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"fireflow serve: listening on {args.host}: anyone who can reach it can run edits", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="fireflow-web-"))
     # Uploads and Gradio's copies of results go to a folder this server owns and deletes at exit.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))
@@ -97,7 +99,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         app = build_app(editor, max_pixels=args.max_pixels, concurrency=args.concurrency, workdir=workdir / "results")
         app.queue(max_size=args.queue_size)
         print(f"fireflow serve: {editor.model_name} model on http://{args.host}:{args.port}", file=sys.stderr)
-        launch(app, host=args.host, port=args.port)
+        try:
+            launch(app, host=args.host, port=args.port)
+        except OSError:  # Gradio's own message talks about launch() arguments; speak in CLI options
+            raise UsageError(
+                f"cannot listen on {args.host}:{args.port}: the port is taken or the address is not this "
+                "machine's; choose another --port or --host"
+            ) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -151,6 +159,9 @@ def build_app(
         examples = default_examples(workdir / "examples")
     edit_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
+    # The demo model has no guidance input: say so next to the knob rather than let it look broken.
+    has_guidance = bool(getattr(editor.transformer.config, "guidance_embeds", True))
+    guidance_info = "while editing" if has_guidance else "unused by this model"
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
         gr.Markdown(
@@ -158,11 +169,11 @@ def build_app(
             "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
             "reusing the attention values of the inversion "
             "([FireFlow](https://arxiv.org/abs/2412.07517), Deng et al., ICML 2025). "
-            f"Model: `{editor.model_name}`." + (f" {html.escape(size_note)}" if size_note else "")
+            f"Model: `{editor.model_name}`." + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
         )
         with gr.Row():
             with gr.Column(scale=2):
-                image = _image_input(gr, max_pixels)
+                image = _image_input(gr)
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
@@ -170,7 +181,7 @@ def build_app(
                     inject = gr.Number(
                         1, label="Inject", min_width=90, precision=0, elem_id="inject", info="steps reusing V"
                     )
-                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info="while editing")
+                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info=guidance_info)
                 with gr.Row():
                     solver = gr.Dropdown(list(solvers.SOLVERS), value="fireflow", label="Solver", elem_id="solver")
                     strategy = gr.Dropdown(
@@ -181,9 +192,12 @@ def build_app(
                         elem_id="strategy",
                     )
                     blocks = gr.Textbox("all", label="Single blocks", elem_id="blocks", info="all, 20-37, 0,5,9")
-                with gr.Accordion("More", open=False):
+                with gr.Accordion("More", open=False, elem_id="more"):
                     inversion_guidance = gr.Number(
-                        1.0, label="Inversion guidance", elem_id="inversion-guidance", info="paper: 1"
+                        1.0,
+                        label="Inversion guidance",
+                        elem_id="inversion-guidance",
+                        info="paper: 1" if has_guidance else "unused by this model",
                     )
                 recon = gr.Checkbox(False, label="Show reconstruction (source prompt, no injection)", elem_id="recon")
                 run = gr.Button("Edit", variant="primary", elem_id="edit-button")
@@ -194,46 +208,28 @@ def build_app(
                     out_recon = _result_image(gr, "Reconstruction", "out-recon", visible=False)
                 info = gr.HTML(elem_id="edit-info")
                 download = gr.DownloadButton("Download edit (PNG)", interactive=False, elem_id="download")
+                gallery = None
+                if examples:  # under the results, where the page has room for it
+                    gallery = gr.Examples(
+                        [[e.image, e.source, e.target] for e in examples],
+                        inputs=[image, source, target],
+                        label="Examples: click one to run it with the knobs as set",
+                        examples_per_page=12,
+                    )
         inputs = [image, source, target, steps, inject, guidance, solver, strategy, blocks, inversion_guidance, recon]
         outputs = [out_source, out_edit, out_recon, info, download]
-        # One concurrency_id: the button and the gallery share the same bounded pool of workers.
+        # One concurrency_id: the button, Enter and the gallery share one bounded pool of workers.
         run.click(edit_fn, inputs, outputs, api_name="edit", concurrency_limit=concurrency, concurrency_id="edit")
-        target.submit(
-            edit_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
-        )
-        if examples:
-            gallery = gr.Examples(
-                [[e.image, e.source, e.target] for e in examples],
-                inputs=[image, source, target],
-                label="Examples (click one to run it with the knobs above)",
-                examples_per_page=12,
-            )
-            gallery.load_input_event.then(
-                edit_fn,
-                inputs,
-                outputs,
-                api_visibility="private",
-                concurrency_limit=concurrency,
-                concurrency_id="edit",
+        for event in (target.submit, *([gallery.load_input_event.then] if gallery else [])):
+            event(
+                edit_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
             )
     return app
 
 
-def _image_input(gr: Any, max_pixels: int | None) -> gr.Image:
-    """An image upload (or paste) that turns unreadable files into a clear message in the page."""
-
-    class ImageUpload(gr.Image):
-        is_template = True  # rendered by the stock Image component in the browser
-
-        def preprocess(self, payload: Any) -> str | None:
-            try:
-                return super().preprocess(payload)
-            except gr.Error:
-                raise
-            except Exception:  # noqa: BLE001 - Pillow raises several types for a non-image
-                raise gr.Error(NOT_AN_IMAGE, title="Not an image", print_exception=False) from None
-
-    return ImageUpload(
+def _image_input(gr: Any) -> gr.Image:
+    """An image upload (or paste) that turns an unreadable file into a clear message in the page."""
+    image = gr.Image(
         type="filepath",
         image_mode=None,  # keep the file as uploaded; fireflow.image does the conversion
         sources=["upload", "clipboard"],
@@ -241,6 +237,20 @@ def _image_input(gr: Any, max_pixels: int | None) -> gr.Image:
         elem_id="input-image",
         height=320,
     )
+    stock = image.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        try:
+            return stock(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - Pillow raises several types for a non-image
+            raise gr.Error(NOT_AN_IMAGE, title="Not an image", print_exception=False) from None
+
+    # Wrapped on this one instance, not by subclassing: Gradio writes a .pyi file next to the
+    # module of every Component subclass, and a package must not write into itself.
+    image.preprocess = preprocess
+    return image
 
 
 def _result_image(gr: Any, label: str, elem_id: str, visible: bool = True) -> gr.Image:
@@ -326,9 +336,9 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         path = _save_result(out.image, workdir)
         s = out.source
         text = (
-            f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(solver)}, "
-            f"{n} steps, inject {k} · target: “{html.escape(target.strip())}”"
+            f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(describe(out.settings))}"
         )
+        text += f" · target: “{html.escape(target.strip())}”"
         return (
             s,
             out.image,
@@ -348,6 +358,17 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         return float(value)
 
     return edit
+
+
+def describe(settings: dict) -> str:
+    """The knobs an edit actually ran with (the editor's record, not the form's), in one line."""
+    blocks = settings["blocks"]
+    contiguous = list(blocks) == list(range(blocks[0], blocks[-1] + 1)) if blocks else False
+    span = f"{blocks[0]}-{blocks[-1]}" if contiguous and len(blocks) > 1 else ",".join(map(str, blocks)) or "none"
+    return (
+        f"{settings['solver']}, {settings['num_steps']} steps, inject {settings['inject']}, "
+        f"{settings['strategy']} in blocks {span}, guidance {settings['guidance']:g}"
+    )
 
 
 def _save_result(image: Any, workdir: Path) -> Path:
@@ -372,25 +393,30 @@ def _prune(workdir: Path, max_age_s: float = KEEP_RESULTS_S) -> None:
             pass
 
 
+#: The gallery's edits of the bundled example emoji (``examples/<source prompt>.png``); the demo
+#: model knows these names, and FLUX reads them as plain English.
+EXAMPLE_EDITS = (
+    ("red heart", "blue heart"),
+    ("cat face", "tiger face"),
+    ("grinning face", "smiling face with sunglasses"),
+    ("red apple", "green apple"),
+    ("cloud", "cloud with snow"),
+    ("yellow heart", "green heart"),
+)
+
+
 def default_examples(folder: Path) -> list[Example]:
-    """The gallery: the bundled examples if present, else two pictures drawn here."""
-    bundled = Path(__file__).parent / "examples"
-    listed = _read_examples(bundled / "examples.tsv")
-    if listed:
-        return listed
+    """The gallery: the bundled example images if present, else two pictures drawn into ``folder``."""
+    here = Path(__file__).resolve().parent
+    for examples in (here / "examples", here.parent / "examples"):  # installed package data, or a checkout
+        found = [
+            Example(str(examples / f"{source.replace(' ', '_')}.png"), source, target)
+            for source, target in EXAMPLE_EDITS
+            if (examples / f"{source.replace(' ', '_')}.png").is_file()
+        ]
+        if found:
+            return found
     return _drawn_examples(folder)
-
-
-def _read_examples(index: Path) -> list[Example]:
-    """``image<TAB>source prompt<TAB>target prompt`` lines; image paths relative to the index."""
-    if not index.is_file():
-        return []
-    rows = []
-    for line in index.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and not line.startswith("#") and (index.parent / parts[0]).is_file():
-            rows.append(Example(str(index.parent / parts[0]), parts[1], parts[2]))
-    return rows
 
 
 def _drawn_examples(folder: Path) -> list[Example]:

@@ -133,19 +133,33 @@ def _atomic(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fireflow.bench.solvers", description=__doc__.splitlines()[0])
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/solvers", help="folder for solvers.json and solvers.png")
     p.add_argument("--grid", default="flux", choices=["flux", "linear"], help="time grid (default: FLUX at 512x512)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+
+
+def _run_cli(args: argparse.Namespace) -> None:
     result = run(args.grid, args.samples, args.seed)
     print(table(result))
     out = Path(args.out)
     _atomic(out / "solvers.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     plotted = plot(result, out / "solvers.png")
     print(f"wrote {out / 'solvers.json'}" + (f" and {out / 'solvers.png'}" if plotted else " (no matplotlib: no plot)"))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``fireflow bench solvers``."""
+    p = subparsers.add_parser("solvers", help="solver error vs NFE on an exactly known flow")
+    _add_arguments(p)
+    p.set_defaults(func=_run_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fireflow.bench.solvers", description=__doc__.splitlines()[0])
+    _add_arguments(p)
+    _run_cli(p.parse_args(argv))
     return 0
 
 
