@@ -46,7 +46,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="demo", help="'demo' (bundled, default), a FLUX folder, or a Hub id in the cache")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if present)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--offload", default=None, choices=["model", "sequential"], help="CPU offload for small cards")
+    g.add_argument(
+        "--offload", default=None, choices=["model", "group", "sequential"], help="CPU offload for small cards"
+    )
+    g.add_argument("--compile", action="store_true", help="regional torch.compile of the repeated blocks (GPU)")
+    g.add_argument("--attention-backend", default=None, help="a diffusers attention backend, e.g. _native_cudnn, flash")
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
@@ -114,7 +118,8 @@ def _output(path: str, suffixes: tuple[str, ...]) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _editor(args: argparse.Namespace):
+def load_editor(args: argparse.Namespace, device: str | None = None):
+    """The editor the model options ask for; shared by every front end (CLI, web, bench)."""
     from fireflow.editor import FireFlowEditor
 
     if getattr(args, "quiet", False):
@@ -123,10 +128,11 @@ def _editor(args: argparse.Namespace):
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-
     editor = FireFlowEditor.from_pretrained(
-        args.model, device=args.device, torch_dtype=args.dtype, offload=args.offload
+        args.model, device=device or args.device, torch_dtype=args.dtype, offload=args.offload
     )
+    if args.compile or args.attention_backend:
+        editor.adapter.optimize(compile=args.compile, attention_backend=args.attention_backend)
     return editor
 
 
@@ -152,7 +158,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
     recon_path = _output(args.save_reconstruction, IMAGE_SUFFIXES) if args.save_reconstruction else None
     image = load_image(args.image, args.max_pixels)  # fail on a bad image before loading a model
-    editor = _editor(args)
+    editor = load_editor(args)
     out = editor.edit(
         image,
         args.source,
@@ -191,7 +197,7 @@ def _pass_kwargs(args: argparse.Namespace) -> dict:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     out_path = _output(args.output, IMAGE_SUFFIXES)
     image = load_image(args.image, args.max_pixels)
-    out = _editor(args).reconstruct(image, args.prompt, **_pass_kwargs(args))
+    out = load_editor(args).reconstruct(image, args.prompt, **_pass_kwargs(args))
     save_image_atomic(out.image, out_path)
     _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
 
@@ -202,7 +208,7 @@ def cmd_invert(args: argparse.Namespace) -> None:
 
     out_path = _output(args.output, (".safetensors",))
     image = load_image(args.image, args.max_pixels)
-    out = _editor(args).invert(image, args.prompt, **_pass_kwargs(args))
+    out = load_editor(args).invert(image, args.prompt, **_pass_kwargs(args))
     meta = {k: str(v) for k, v in out.settings.items()}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
     out_path = _output(args.output, IMAGE_SUFFIXES)
-    out = _editor(args).generate(
+    out = load_editor(args).generate(
         args.prompt,
         height=args.height,
         width=args.width,

@@ -87,12 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         raise UsageError("the web page needs gradio: pip install 'fireflow[web]'") from None
-    from fireflow.editor import FireFlowEditor
+    from fireflow.cli import load_editor
 
     try:
-        editor = FireFlowEditor.from_pretrained(
-            args.model, device=args.device, torch_dtype=args.dtype, offload=args.offload
-        )
+        editor = load_editor(args)
         note = getattr(editor.adapter, "size_note", None)
         if note:
             print(note, file=sys.stderr)

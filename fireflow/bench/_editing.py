@@ -47,19 +47,13 @@ def default_device(local_rank: int) -> str:
 
 
 def load_editor(args: argparse.Namespace, local_rank: int = 0):
-    """``FireFlowEditor.from_pretrained`` with the model options; one GPU per process."""
-    from fireflow import FireFlowEditor
+    """The CLI's editor with the model options, on one GPU per process."""
+    from fireflow.cli import load_editor as cli_load_editor
 
-    if getattr(args, "quiet", False):
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     device = args.device or default_device(local_rank)
     if device == "cuda":  # one GPU per process under torchrun / accelerate, not all on cuda:0
         device = f"cuda:{local_rank}"
-    return FireFlowEditor.from_pretrained(args.model, device=device, torch_dtype=args.dtype, offload=args.offload)
+    return cli_load_editor(args, device)
 
 
 def edit_fn(editor, settings: dict[str, Any], feature_device: str | None = None) -> EditFn:
