@@ -46,7 +46,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="demo", help="'demo' (bundled, default), a FLUX folder, or a Hub id in the cache")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if present)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--offload", default=None, choices=["model", "sequential"], help="CPU offload for small cards")
+    g.add_argument(
+        "--offload", default=None, choices=["model", "group", "sequential"], help="CPU offload for small cards"
+    )
+    g.add_argument("--compile", action="store_true", help="regional torch.compile of the repeated blocks (GPU)")
+    g.add_argument("--attention-backend", default=None, help="a diffusers attention backend, e.g. _native_cudnn, flash")
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
@@ -114,19 +118,28 @@ def _output(path: str, suffixes: tuple[str, ...]) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _editor(args: argparse.Namespace):
+def load_editor(args: argparse.Namespace, device: str | None = None):
+    """The editor the model options ask for; shared by every front end (CLI, web, bench)."""
     from fireflow.editor import FireFlowEditor
 
+    if getattr(args, "quiet", False):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     editor = FireFlowEditor.from_pretrained(
-        args.model, device=args.device, torch_dtype=args.dtype, offload=args.offload
+        args.model, device=device or args.device, torch_dtype=args.dtype, offload=args.offload
     )
-    note = getattr(editor.adapter, "size_note", None)
-    if note:
-        print(note, file=sys.stderr)
+    if args.compile or args.attention_backend:
+        editor.adapter.optimize(compile=args.compile, attention_backend=args.attention_backend)
     return editor
 
 
-def _report(what: str, out, paths: list[Path]) -> None:
+def _report(what: str, out, paths: list[Path], image=None) -> None:
+    if image is not None and out.source is not None and out.source.size != image.size:
+        (w, h), (sw, sh) = image.size, out.source.size
+        print(f"note: the {w}x{h} input was cropped or resized to {sw}x{sh}, a size this model takes")
     print(f"{what}: {out.nfe} NFE, {out.seconds:.2f} s -> {', '.join(str(p) for p in paths)}")
 
 
@@ -145,7 +158,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
     recon_path = _output(args.save_reconstruction, IMAGE_SUFFIXES) if args.save_reconstruction else None
     image = load_image(args.image, args.max_pixels)  # fail on a bad image before loading a model
-    editor = _editor(args)
+    editor = load_editor(args)
     out = editor.edit(
         image,
         args.source,
@@ -165,15 +178,13 @@ def cmd_edit(args: argparse.Namespace) -> None:
         f"edit ({out.settings['solver']}, {args.steps} steps, {len(out.injections)} block calls injected)",
         out,
         outs,
+        image,
     )
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> None:
-    out_path = _output(args.output, IMAGE_SUFFIXES)
-    image = load_image(args.image, args.max_pixels)
-    out = _editor(args).reconstruct(
-        image,
-        args.prompt,
+def _pass_kwargs(args: argparse.Namespace) -> dict:
+    """The options ``reconstruct`` and ``invert`` share."""
+    return dict(
         num_steps=args.steps,
         guidance=args.guidance,
         solver=args.solver,
@@ -181,8 +192,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         max_pixels=args.max_pixels,
         progress=not args.quiet,
     )
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    out_path = _output(args.output, IMAGE_SUFFIXES)
+    image = load_image(args.image, args.max_pixels)
+    out = load_editor(args).reconstruct(image, args.prompt, **_pass_kwargs(args))
     save_image_atomic(out.image, out_path)
-    _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path])
+    _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
 
 
 def cmd_invert(args: argparse.Namespace) -> None:
@@ -191,16 +208,7 @@ def cmd_invert(args: argparse.Namespace) -> None:
 
     out_path = _output(args.output, (".safetensors",))
     image = load_image(args.image, args.max_pixels)
-    out = _editor(args).invert(
-        image,
-        args.prompt,
-        num_steps=args.steps,
-        guidance=args.guidance,
-        solver=args.solver,
-        resize=args.resize,
-        max_pixels=args.max_pixels,
-        progress=not args.quiet,
-    )
+    out = load_editor(args).invert(image, args.prompt, **_pass_kwargs(args))
     meta = {k: str(v) for k, v in out.settings.items()}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
     out_path = _output(args.output, IMAGE_SUFFIXES)
-    out = _editor(args).generate(
+    out = load_editor(args).generate(
         args.prompt,
         height=args.height,
         width=args.width,

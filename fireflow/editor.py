@@ -168,11 +168,12 @@ class FireFlowEditor:
     ) -> tuple[torch.Tensor, int]:
         """One pass of the ODE; returns the end state and the transformer calls it made."""
         calls = 0
-        kwargs = reuse.attention_kwargs if reuse is not None else None
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             nonlocal calls
             calls += 1
+            # Asked per call: the store hands itself to the processors only when this call uses it.
+            kwargs = reuse.attention_kwargs if reuse is not None else None
             return self.adapter.velocity(x, t, cond, kwargs)
 
         x = solvers.sample(
@@ -401,6 +402,24 @@ class FireFlowEditor:
         out.seconds = time.perf_counter() - start
         return out
 
+    def _invert_image(
+        self,
+        image: ImageInput,
+        prompt: str,
+        num_steps: int,
+        guidance: float,
+        solver: str,
+        resize: tuple[int, int] | None,
+        max_pixels: int | None,
+        progress: bool,
+    ):
+        """Prepare, encode and invert an image; returns what sampling back needs too."""
+        src_image, latents = self._prepare(image, resize, max_pixels)
+        cond = self._conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
+        ts = self._timesteps(num_steps, solver, src_image)
+        noise, nfe = self._solve(latents, cond, ts.flip(0), solver, progress=progress and "inversion")
+        return src_image, cond, ts, noise, nfe
+
     @torch.no_grad()
     def invert(
         self,
@@ -416,10 +435,9 @@ class FireFlowEditor:
     ) -> FireFlowOutput:
         """Invert ``image`` under ``prompt`` to the noise it comes from (``out.latents``)."""
         start = time.perf_counter()
-        src_image, latents = self._prepare(image, resize, max_pixels)
-        cond = self._conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
-        ts = self._timesteps(num_steps, solver, src_image)
-        noise, nfe = self._solve(latents, cond, ts.flip(0), solver, progress=progress and "inversion")
+        src_image, _, _, noise, nfe = self._invert_image(
+            image, prompt, num_steps, guidance, solver, resize, max_pixels, progress
+        )
         settings = {"num_steps": num_steps, "guidance": guidance, "solver": solver}
         return FireFlowOutput([], noise, nfe, time.perf_counter() - start, settings, src_image, noise)
 
@@ -441,29 +459,19 @@ class FireFlowEditor:
         How close the result is to the source measures the inversion alone (EVALUATION.md).
         """
         start = time.perf_counter()
-        inv = self.invert(
-            image,
-            prompt,
-            num_steps=num_steps,
-            guidance=guidance,
-            solver=solver,
-            resize=resize,
-            max_pixels=max_pixels,
-            progress=progress,
+        src_image, cond, ts, noise, nfe_inv = self._invert_image(
+            image, prompt, num_steps, guidance, solver, resize, max_pixels, progress
         )
-        src_image = inv.source
-        assert src_image is not None
-        cond = self._conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
-        ts = self._timesteps(num_steps, solver, src_image)
-        latents, nfe = self._solve(inv.latents, cond, ts, solver, progress=progress and "sampling")
+        latents, nfe = self._solve(noise, cond, ts, solver, progress=progress and "sampling")
+        settings = {"num_steps": num_steps, "guidance": guidance, "solver": solver}
         return FireFlowOutput(
             self._decode(latents, src_image),
             latents,
-            inv.nfe + nfe,
+            nfe_inv + nfe,
             time.perf_counter() - start,
-            inv.settings,
+            settings,
             src_image,
-            inv.latents,
+            noise,
         )
 
     @torch.no_grad()

@@ -82,15 +82,30 @@ class FeatureReuse:
         self.ratios = dict(zip("qkv", ratios, strict=True))
         self.storage_device = None if storage_device is None else torch.device(storage_device)
         self._store: dict[_Key, torch.Tensor] = {}
+        #: (interval, kind) of every call that recorded something: what an injecting call can find.
+        self._recorded: set[tuple[tuple[float, float], str]] = set()
         self._mode: str | None = None
         self._call: VelocityCall | None = None
         #: (denoising step, call kind, block) of every injection made, in order; for tests and logs.
         self.injections: list[tuple[int, str, BlockId]] = []
 
     @property
-    def attention_kwargs(self) -> dict[str, FeatureReuse]:
-        """What the transformer call passes on to the processors."""
-        return {ATTENTION_KWARG: self}
+    def active(self) -> bool:
+        """Whether the current call records, or injects something recorded for it."""
+        if self._mode == "record":
+            return True
+        call = self._call
+        return self._mode == "inject" and call is not None and (call.interval, call.kind) in self._recorded
+
+    @property
+    def attention_kwargs(self) -> dict[str, FeatureReuse] | None:
+        """What the current transformer call passes on to the processors.
+
+        None when the call neither records nor injects (16 of an edit's 18 calls at the defaults):
+        those calls take the plain attention path, with no per-block hook and nothing that would
+        stop a compiled block from being reused.
+        """
+        return {ATTENTION_KWARG: self} if self.active else None
 
     @contextlib.contextmanager
     def _active(self, mode: str | None, call: VelocityCall) -> Iterator[None]:
@@ -127,6 +142,7 @@ class FeatureReuse:
                 if self.storage_device is not None:
                     stored = stored.to(self.storage_device, non_blocking=True)
                 self._store[_Key(call.interval, call.kind, block, target)] = stored
+            self._recorded.add((call.interval, call.kind))
             return q, k, v
         injected = False
         for target, op in self.ops.items():
@@ -204,11 +220,14 @@ def _projections(
     attn: torch.nn.Module, x: torch.Tensor, fused: str, names: tuple[str, str, str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V as ``[B, S, H, D]``, from fused or separate projections."""
+    # Plain statements, no generators: this runs in every attention layer of every call, and on a
+    # launch-bound GPU (FLUX at 512², eager) its Python time is the forward's time.
     if getattr(attn, "fused_projections", False):
         q, k, v = getattr(attn, fused)(x).chunk(3, dim=-1)
     else:
-        q, k, v = (getattr(attn, n)(x) for n in names)
-    return tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # type: ignore[return-value]
+        q, k, v = getattr(attn, names[0])(x), getattr(attn, names[1])(x), getattr(attn, names[2])(x)
+    shape = (-1, attn.head_dim)
+    return q.unflatten(-1, shape), k.unflatten(-1, shape), v.unflatten(-1, shape)
 
 
 def attention_blocks(transformer: torch.nn.Module) -> dict[str, BlockId]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,14 +37,17 @@ def load_adapter(
     torch_dtype: str | torch.dtype | None = None,
     offload: str | None = None,
 ) -> ModelAdapter:
-    """``"demo"`` for the bundled model; anything else is a FLUX pipeline folder or Hub id.
+    """``"demo"`` for the bundled model (or a folder of demo-model weights, from ``fireflow.demo.train``);
+    anything else is a FLUX pipeline folder or Hub id.
 
     The dtype defaults to bf16 on an accelerator and fp32 on the CPU.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(torch_dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    if str(model) == "demo":
+    folder = Path(model).expanduser()
+    is_transformer_folder = (folder / "config.json").is_file() and not (folder / "model_index.json").exists()
+    if str(model) == "demo" or is_transformer_folder:  # the bundled weights, or a demo model trained anew
         from fireflow.models.demo import DemoAdapter
 
-        return DemoAdapter.from_pretrained(device=device, torch_dtype=dtype)
+        return DemoAdapter.from_pretrained(None if str(model) == "demo" else folder, device=device, torch_dtype=dtype)
     return FluxAdapter.from_pretrained(model, device=device, torch_dtype=dtype, offload=offload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,22 +70,29 @@ class FluxAdapter(ModelAdapter):
         """Load a FLUX pipeline from a local folder or the HF cache.
 
         ``offload``: None (all on ``device``), ``"model"`` (diffusers' model CPU offload: one
-        component on the GPU at a time) or ``"sequential"`` (leaf by leaf: least memory, slowest).
+        component on the GPU at a time), ``"group"`` (diffusers' group offloading: each component
+        streamed block by block, prefetched on a side CUDA stream; a 1024² edit fits in a few GiB)
+        or ``"sequential"`` (leaf by leaf: least memory, slowest).
         ``shift`` defaults to on, except for FLUX.1-schnell whose grid is unshifted.
         """
         from diffusers import FluxPipeline
 
         path = resolve_model_path(model)
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if offload is None:
             pipe.to(device)
         elif offload == "model":
             pipe.enable_model_cpu_offload(device=device)
+        elif offload == "group":
+            kwargs = {"num_blocks_per_group": 1, "use_stream": device.type == "cuda"}
+            pipe.enable_group_offload(onload_device=device, offload_type="block_level", **kwargs)
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=device)
         else:
-            raise ValueError(f"unknown offload {offload!r}; accepted: model, sequential")
+            raise ValueError(f"unknown offload {offload!r}; accepted: model, group, sequential")
         if shift is None:
             shift = "schnell" not in str(model).lower()
         return cls(pipe, shift=shift)

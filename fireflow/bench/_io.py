@@ -1,0 +1,61 @@
+"""Atomic file writes: a killed run leaves either the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file sits beside the target so os.replace is a same-filesystem rename.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def finite(obj: Any) -> Any:
+    """NaN and inf to None, recursively, so the JSON is standard (null: the metric is undefined)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """PNG for ``.png``; JPEG at quality 95 without chroma subsampling otherwise (as BFL's flux CLI,
+    which the FireFlow reference code derives from, saves its outputs)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        _atomic(path, lambda f: image.save(f, format="PNG"))
+    else:
+        _atomic(path, lambda f: image.convert("RGB").save(f, format="JPEG", quality=95, subsampling=0))

@@ -1,0 +1,151 @@
+"""The fireflow command: an end-to-end edit on a real photo, and every bad input refused cleanly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from fireflow.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fireflow", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def test_edit_end_to_end_on_boy_jpg(tiny_flux_dir, boy_jpg, tmp_path):
+    out = tmp_path / "edited.png"
+    rec = tmp_path / "rec.png"
+    r = run_cli(
+        "edit",
+        boy_jpg,
+        "-s",
+        "A young boy is playing with a toy airplane",
+        "-t",
+        "A young boy is playing with a small brown dog",
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_flux_dir),
+        "--resize",
+        "680x384",
+        "--save-reconstruction",
+        str(rec),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "18 NFE" not in r.stdout and "27 NFE" in r.stdout  # 9 inversion + 9 edit + 9 reconstruction
+    assert "fireflow, 8 steps, 2 block calls injected" in r.stdout
+    assert Image.open(out).size == (672, 384) and Image.open(rec).size == (672, 384)
+    assert "inversion" in r.stderr and "editing" in r.stderr  # progress bars
+
+
+def test_generate_reconstruct_invert(tiny_flux_dir, tmp_path):
+    src = tmp_path / "src.png"
+    Image.new("RGB", (40, 33), "red").save(src)
+    m = ["--model", str(tiny_flux_dir), "-q"]
+    assert (
+        main(
+            [
+                "generate",
+                "-p",
+                "a cat",
+                "-o",
+                str(tmp_path / "g.png"),
+                "--height",
+                "32",
+                "--width",
+                "48",
+                "--steps",
+                "2",
+                *m,
+            ]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "g.png").size == (48, 32)
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(src),
+                "-p",
+                "red",
+                "-o",
+                str(tmp_path / "r.png"),
+                "--steps",
+                "3",
+                "--solver",
+                "euler",
+                *m,
+            ]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "r.png").size == (32, 32)
+    assert main(["invert", str(src), "-p", "red", "-o", str(tmp_path / "z.safetensors"), *m]) == 0
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "z.safetensors", "pt") as f:
+        assert f.get_tensor("latents").shape == (1, 4, 16) and f.metadata()["prompt"] == "red"
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (48, 48), "blue").save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{missing}"], "not found"),
+        (["{text}"], "is not a readable image"),
+        (["{image}", "--inject", "9"], "--inject must be between 0 and --steps=8, got 9"),
+        (["{image}", "--strategy", "swap_v"], "unknown strategy 'swap_v'"),
+        (["{image}", "--blocks", "0-40"], "single block 2 out of range; this model has single blocks 0..1"),
+        (["{image}", "--blocks", "x"], "bad block spec 'x'"),
+        (["{image}", "-t", " "], "target prompt is empty"),
+        (["{image}", "--model", "{tmp}/no-such-model"], "no such folder"),
+        (["{image}", "--model", "{tmp}"], "not a diffusers pipeline"),
+        (["{image}", "-o", "{tmp}/out.txt"], "must end in one of .png"),
+    ],
+)
+def test_bad_input_one_line_error_no_output(args, message, image, tmp_path, tiny_flux_dir, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    subs = {
+        "{missing}": str(tmp_path / "missing.jpg"),
+        "{text}": str(tmp_path / "notes.txt"),
+        "{image}": str(image),
+        "{tmp}": str(tmp_path),
+    }
+    args = [subs.get(a, a.replace("{tmp}", str(tmp_path))) for a in args]
+    if "-t" not in args:
+        args += ["-t", "a red square"]
+    if "--model" not in args:
+        args += ["--model", str(tiny_flux_dir)]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.png")]
+    before = set(os.listdir(tmp_path))
+    code = main(["edit", *args[:1], "-s", "a blue square", *args[1:], "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and err.startswith("fireflow edit: error:") and len(err.splitlines()) == 1
+    assert set(os.listdir(tmp_path)) == before  # no output, no temporary file
+
+
+def test_bad_option_types_exit_nonzero(image, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", str(image), "-s", "a", "-t", "b", "--resize", "big"])
+    assert e.value.code == 2 and "bad size 'big'" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""Editing semantics on a tiny random FLUX transformer, at the latent level."""
+
+import pytest
+import torch
+
+from fireflow import FireFlowEditor
+from fireflow.features import FireFlowAttnProcessor, parse_strategy
+from fireflow.testing import tiny_transformer
+
+H = W = 64  # 4 x 4 packed tokens with FLUX's 16-pixel tokens
+
+
+@pytest.fixture(scope="module")
+def editor():
+    # 3 single blocks so block selection means something.
+    return FireFlowEditor(transformer=tiny_transformer(seed=0, num_single_layers=3))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        latents=torch.randn(1, 16, 16, generator=g),
+        height=H,
+        width=W,
+        source_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+        source_pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+        target_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+        target_pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+    )
+
+
+def _edit(editor, inputs, **kw):
+    return editor._edit(
+        inputs["latents"],
+        H,
+        W,
+        (inputs["source_prompt_embeds"], inputs["source_pooled_prompt_embeds"]),
+        (inputs["target_prompt_embeds"], inputs["target_pooled_prompt_embeds"]),
+        **kw,
+    )
+
+
+class CallCounter:
+    """Counts transformer forward calls through a forward pre-hook."""
+
+    def __init__(self, module):
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.n += 1
+
+
+def test_defaults_inject_once_per_block_at_first_midpoint(editor, inputs):
+    counter = CallCounter(editor.transformer)
+    try:
+        out = _edit(editor, inputs)
+    finally:
+        counter.handle.remove()
+    assert out.nfe == counter.n == 18
+    assert out.injections == [(0, "midpoint", ("single", i)) for i in range(3)]
+    assert out.settings["blocks"] == (0, 1, 2) and out.settings["strategy"] == "replace_v"
+
+
+@pytest.mark.parametrize(
+    "solver,inject,expected",
+    [
+        ("fireflow", 2, [(0, "midpoint"), (1, "midpoint")]),
+        ("midpoint", 1, [(0, "start"), (0, "midpoint")]),
+        ("euler", 2, [(0, "start"), (1, "start")]),
+    ],
+)
+def test_injection_points_follow_the_matching_rule(editor, inputs, solver, inject, expected):
+    out = _edit(editor, inputs, num_steps=4, inject=inject, solver=solver, blocks=[1])
+    assert [(s, k) for s, k, _ in out.injections] == expected
+    assert {b for *_, b in out.injections} == {("single", 1)}
+
+
+def test_injection_changes_the_output(editor, inputs):
+    a = editor.edit_latents(**inputs, inject=0)
+    b = editor.edit_latents(**inputs, inject=1)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_inject_zero_equals_plain_inversion_then_sampling(editor, inputs):
+    edited = editor.edit_latents(**inputs, inject=0)
+    # Plain path: the model's own diffusers processors, no feature reuse anywhere.
+    noise = editor.invert_latents(
+        inputs["latents"], H, W, inputs["source_prompt_embeds"], inputs["source_pooled_prompt_embeds"], guidance=1.0
+    )
+    plain = editor.sample_latents(
+        noise, H, W, inputs["target_prompt_embeds"], inputs["target_pooled_prompt_embeds"], guidance=2.0
+    )
+    torch.testing.assert_close(edited, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic(editor, inputs):
+    assert torch.equal(editor.edit_latents(**inputs), editor.edit_latents(**inputs))
+
+
+def test_edit_many_equals_separate_edits(editor, inputs):
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randn(3, 7, 32, generator=g)
+    pooled = torch.randn(3, 32, generator=g)
+    many = _edit(editor, {**inputs, "target_prompt_embeds": targets, "target_pooled_prompt_embeds": pooled})
+    assert many.nfe == 9 + 9 * 3
+    assert many.latents.shape == (3, 16, 16)
+    for i in range(3):
+        one = editor.edit_latents(
+            **{**inputs, "target_prompt_embeds": targets[i : i + 1], "target_pooled_prompt_embeds": pooled[i : i + 1]}
+        )
+        torch.testing.assert_close(many.latents[i : i + 1], one, rtol=1e-5, atol=1e-5)
+
+
+def test_processors_restored_after_edit_and_after_error(editor, inputs):
+    before = dict(editor.transformer.attn_processors)
+    editor.edit_latents(**inputs)
+    assert editor.transformer.attn_processors == before
+    bad = {**inputs, "target_prompt_embeds": torch.randn(1, 7, 5)}  # wrong width: fails mid-edit
+    with pytest.raises(RuntimeError):
+        editor.edit_latents(**bad)
+    after = editor.transformer.attn_processors
+    assert after == before and not any(isinstance(p, FireFlowAttnProcessor) for p in after.values())
+
+
+def test_processors_installed_during_edit(editor, inputs):
+    seen = []
+    editor.edit_latents(
+        **inputs,
+        num_steps=2,
+        callback=lambda i, t, x: seen.append(
+            type(editor.transformer.attn_processors["single_transformer_blocks.0.attn.processor"])
+        ),
+    )
+    assert seen == [FireFlowAttnProcessor] * 2
+
+
+def test_strategies_and_ratios(editor, inputs):
+    base = editor.edit_latents(**inputs)
+    add_v = editor.edit_latents(**inputs, strategy="add_v")
+    # replace_v with V scaled by 1 equals replace_v; scaled by 0 replaces V with zeros: different.
+    zero_v = editor.edit_latents(**inputs, ratios=(1.0, 1.0, 0.0))
+    combo = editor.edit_latents(**inputs, strategy="replace_v add_k")
+    assert (base - add_v).abs().max() > 1e-4
+    assert (base - zero_v).abs().max() > 1e-4
+    assert (base - combo).abs().max() > 1e-4
+    assert parse_strategy("replace_v add_k add_q") == {"v": "replace", "k": "add", "q": "add"}
+
+
+def test_double_blocks_option(editor, inputs):
+    out = _edit(editor, inputs, blocks=[], double_blocks=[0])
+    assert out.injections == [(0, "midpoint", ("double", 0))]
+    assert (out.latents - editor.edit_latents(**inputs, inject=0)).abs().max() > 1e-4
+
+
+def test_feature_storage_on_cpu_gives_same_result(editor, inputs):
+    torch.testing.assert_close(editor.edit_latents(**inputs), editor.edit_latents(**inputs, feature_device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(inject=9), "inject must be between 0 and num_steps=8"),
+        (dict(strategy="swap_v"), "unknown strategy 'swap_v'"),
+        (dict(strategy="add_v replace_v"), "both adds and replaces V"),
+        (dict(blocks=[3]), "single block 3 out of range; this model has single blocks 0..2"),
+        (dict(double_blocks="1"), "double block 1 out of range"),
+        (dict(solver="rk4"), "unknown solver 'rk4'"),
+        (dict(num_steps=0), "num_steps must be a positive integer"),
+        (dict(blocks="a-b"), "bad block spec"),
+    ],
+)
+def test_bad_settings(editor, inputs, kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        editor.edit_latents(**inputs, **kw)
+
+
+def test_token_count_checked(editor, inputs):
+    with pytest.raises(ValueError, match="latents have 16 tokens; 32x32 needs 4"):
+        editor.edit_latents(**{**inputs, "height": 32, "width": 32})
+
+
+def test_concurrent_edits_do_not_share_features(editor, inputs):
+    """Two threads editing at once on one transformer get what they get alone."""
+    import threading
+
+    g = torch.Generator().manual_seed(2)
+    other = {**inputs, "target_prompt_embeds": torch.randn(1, 7, 32, generator=g)}
+    alone = [editor.edit_latents(**inputs), editor.edit_latents(**other)]
+    results = [None, None]
+
+    def run(i, kw):
+        results[i] = editor.edit_latents(**kw)
+
+    threads = [threading.Thread(target=run, args=(i, kw)) for i, kw in enumerate([inputs, other])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, alone):
+        torch.testing.assert_close(got, want)
+    assert editor.transformer.attn_processors == dict(editor.transformer.attn_processors)
+    assert not any(isinstance(p, FireFlowAttnProcessor) for p in editor.transformer.attn_processors.values())

@@ -1,0 +1,105 @@
+"""The FLUX adapter and loader on a tiny random pipeline written by fireflow.testing."""
+
+import numpy as np
+import pytest
+import torch
+
+from fireflow import FireFlowEditor
+from fireflow.models.flux import ModelNotFoundError, grid_ids, pack, resolve_model_path, unpack
+
+
+def test_pack_unpack_round_trip():
+    x = torch.randn(2, 4, 6, 8)
+    tokens = pack(x)
+    assert tokens.shape == (2, 12, 16)
+    # Token (row 1, col 2) holds channels then the 2x2 offsets of latent pixels (2..3, 4..5).
+    assert torch.equal(tokens[0, 1 * 4 + 2].view(4, 2, 2), x[0, :, 2:4, 4:6])
+    assert torch.equal(unpack(tokens, 6, 8), x)
+    assert grid_ids(2, 3).tolist() == [[0, r, c] for r in range(2) for c in range(3)]
+
+
+def test_crop_to_multiple_of_16(tiny_editor, boy_jpg):
+    from PIL import Image
+
+    adapter = tiny_editor.adapter
+    assert adapter.prepare_image(Image.new("RGB", (1001, 777))).size == (992, 768)
+    assert adapter.prepare_image(Image.new("RGB", (1001, 777)), resize=(512, 300)).size == (512, 288)
+    with pytest.raises(ValueError, match="smaller than the model's minimum 16x16"):
+        adapter.prepare_image(Image.new("RGB", (15, 40)))
+
+
+def test_vae_uses_posterior_mean_with_scale_and_shift(tiny_editor):
+    adapter = tiny_editor.adapter
+    vae = adapter.pipe.vae
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    latents = adapter.encode_image(x)
+    assert latents.shape == (1, 2 * 3, 16) and latents.dtype == torch.float32
+    assert torch.equal(latents, adapter.encode_image(x))  # deterministic: no posterior sampling
+    mean = vae.encode(x).latent_dist.mean
+    expected = pack((mean - vae.config.shift_factor) * vae.config.scaling_factor)
+    torch.testing.assert_close(latents, expected)
+    assert adapter.decode(latents, 32, 48).shape == (1, 3, 32, 48)
+
+
+def test_prompt_encoding_shapes(tiny_editor):
+    embeds, pooled = tiny_editor.adapter.encode_prompt(["a cat", "a dog on grass"])
+    assert embeds.shape == (2, 512, 32) and pooled.shape == (2, 32)
+    assert (embeds[0] - embeds[1]).abs().max() > 0 and (pooled[0] - pooled[1]).abs().max() > 0
+
+
+def test_grid_uses_flux_shift(tiny_editor):
+    ts = tiny_editor.adapter.timesteps(8, 512, 512)
+    assert ts.tolist() == pytest.approx([1, 0.9293, 0.8492, 0.7578, 0.6525, 0.5298, 0.3849, 0.2115, 0], abs=5e-5)
+
+
+def test_image_edit_on_real_photo(tiny_editor, boy_jpg):
+    out = tiny_editor.edit(boy_jpg, "a boy", ["a boy and a dog", "a boy alone"], resize=(340, 192), reconstruction=True)
+    assert out.source.size == (336, 192)
+    assert [im.size for im in out.images] == [(336, 192)] * 2
+    assert out.reconstruction.size == (336, 192)
+    assert out.nfe == 9 + 2 * 9 + 9
+    assert len(out.injections) == 2  # 2 single blocks x the first midpoint call
+    a, b = (np.asarray(im, dtype=np.int16) for im in out.images)
+    assert np.abs(a - b).max() > 0
+
+
+def test_reconstruct_invert_generate(tiny_editor):
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    rec = tiny_editor.reconstruct(img, "noise", num_steps=4, solver="midpoint")
+    assert rec.nfe == 16 and rec.image.size == (64, 48)
+    inv = tiny_editor.invert(img, "noise", num_steps=4)
+    assert inv.nfe == 5 and inv.latents.shape == (1, 12, 16)
+    gen = tiny_editor.generate("a cat", height=48, width=64, num_steps=3, solver="euler", seed=7)
+    again = tiny_editor.generate("a cat", height=48, width=64, num_steps=3, solver="euler", seed=7)
+    assert gen.nfe == 3 and gen.image.size == (64, 48)
+    assert np.array_equal(np.asarray(gen.image), np.asarray(again.image))
+
+
+def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache at .*HF_HUB_OFFLINE is set"):
+        resolve_model_path("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(ModelNotFoundError, match="no model_index.json"):
+        resolve_model_path(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        resolve_model_path(tmp_path / "nope")
+
+
+def test_loads_from_hf_cache_layout(tiny_flux_dir, tmp_path, monkeypatch):
+    """A repo id resolves to a snapshot in the HF cache, as real FLUX weights do."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    snap = tmp_path / "hub" / "models--acme--tiny-flux" / "snapshots" / "abc123"
+    shutil.copytree(tiny_flux_dir, snap)
+    (tmp_path / "hub" / "models--acme--tiny-flux" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-flux" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert resolve_model_path("acme/tiny-flux") == snap
+    editor = FireFlowEditor.from_pretrained("acme/tiny-flux", device="cpu")
+    assert editor.model_name == "flux" and editor.transformer.config.num_single_layers == 2
