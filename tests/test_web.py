@@ -243,8 +243,10 @@ def _assert_same(shown: np.ndarray, expected: Image.Image, what: str) -> None:
     ref = _pixels(expected)
     assert shown.shape == ref.shape, f"{what}: page shows {shown.shape}, editor gives {ref.shape}"
     diff = np.abs(shown.astype(int) - ref.astype(int)).max()
-    # Same code, same weights, one thread in both processes: the same arithmetic, to the bit.
-    assert diff == 0, f"{what}: page differs from a direct editor.edit call by up to {diff}/255"
+    # Same code, same weights, one thread in both processes; CPU BLAS kernels may still round
+    # differently with buffer alignment across processes, which moves a pixel by at most one level
+    # (seen once in CI). Distinct targets differ by far more (test_two_pages_at_once checks > 8).
+    assert diff <= 1, f"{what}: page differs from a direct editor.edit call by up to {diff}/255"
 
 
 def _nfe(info: str) -> int:
