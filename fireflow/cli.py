@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fireflow import solvers
+from fireflow._io import atomic_write
 from fireflow.features import STRATEGIES, parse_strategy
 from fireflow.image import MAX_PIXELS, ImageError, load_image, save_image_atomic
 
@@ -209,21 +208,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def cmd_invert(args: argparse.Namespace) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_path = _output(args.output, (".safetensors",))
     image = load_image(args.image, args.max_pixels)
     out = load_editor(args).invert(image, args.prompt, **_pass_kwargs(args))
     meta = {k: str(v) for k, v in out.settings.items()}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"latents": out.latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, out_path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    tensors = {"latents": out.latents.detach().to("cpu", torch.float32).contiguous()}
+    atomic_write(out_path, lambda f: f.write(save(tensors, metadata=meta)))
     _report(f"invert ({args.solver}, {args.steps} steps)", out, [out_path])
 
 

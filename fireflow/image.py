@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fireflow._io import atomic_write
 
 #: Default guard on input size: 4096 x 4096 pixels. FLUX at that size needs far more memory than a card has.
 MAX_PIXELS = 4096 * 4096
@@ -94,12 +95,4 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"cannot tell the image format from {str(path)!r}; use .png, .jpg or .webp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: image.save(f, format=fmt))

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file sits beside the target so os.replace is a same-filesystem rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fireflow._io import atomic_write
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -56,6 +40,6 @@ def save_image(image: Image.Image, path: Path) -> None:
     which the FireFlow reference code derives from, saves its outputs)."""
     path = Path(path)
     if path.suffix.lower() == ".png":
-        _atomic(path, lambda f: image.save(f, format="PNG"))
+        atomic_write(path, lambda f: image.save(f, format="PNG"))
     else:
-        _atomic(path, lambda f: image.convert("RGB").save(f, format="JPEG", quality=95, subsampling=0))
+        atomic_write(path, lambda f: image.convert("RGB").save(f, format="JPEG", quality=95, subsampling=0))

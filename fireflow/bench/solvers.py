@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fireflow._io import atomic_write
 from fireflow.analytic import GaussianMixtureFlow
 from fireflow.schedules import flux_timesteps, linear_timesteps
 from fireflow.solvers import SOLVERS, nfe, sample
@@ -117,20 +116,9 @@ def plot(result: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,7 +132,7 @@ def _run_cli(args: argparse.Namespace) -> None:
     result = run(args.grid, args.samples, args.seed)
     print(table(result))
     out = Path(args.out)
-    _atomic(out / "solvers.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(out / "solvers.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     plotted = plot(result, out / "solvers.png")
     print(f"wrote {out / 'solvers.json'}" + (f" and {out / 'solvers.png'}" if plotted else " (no matplotlib: no plot)"))
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fireflow._io import atomic_write
 
 DATA_FILE = Path(__file__).with_name("emoji32.npz")
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -186,19 +187,13 @@ def build(size: int = 32) -> EmojiSet:
 
 def save(data: EmojiSet, path: str | os.PathLike = DATA_FILE) -> None:
     """Write the set atomically (temp file + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            images=data.images,
-            prompts=np.array(data.prompts),
-            chars=np.array(data.chars),
-            families=np.array(data.families),
-        )
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    arrays = dict(
+        images=data.images,
+        prompts=np.array(data.prompts),
+        chars=np.array(data.chars),
+        families=np.array(data.families),
+    )
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def render_examples(prompts: list[str], folder: Path, size: int = 128) -> list[Path]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fireflow._io import atomic_write
 from fireflow.demo import data as emoji_data
 from fireflow.models.demo import DemoAdapter
 
@@ -287,14 +286,6 @@ def to_grid(columns: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
-def _save_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    write(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 PARTS = ("generation", "reconstruction", "editing", "examples")
 
 
@@ -315,7 +306,7 @@ def run(out: Path, weights: str | None = None, batch_size: int = 128, parts: tup
         report["generation"], generated = q.generate()
         timings["generation"] = time.perf_counter() - t0
         grid = to_grid([ref[:60], generated[:60]])
-        _save_atomic(out / "generated.png", lambda p: grid.save(p, format="PNG"))
+        atomic_write(out / "generated.png", lambda f: grid.save(f, format="PNG"))
         g = report["generation"]
         print(f"\nprompt fidelity (FireFlow 8 steps, {g['n']} prompts):", end=" ")
         print(f"top-1 {g['top1']:.1%}  top-5 {g['top5']:.1%}")
@@ -343,7 +334,7 @@ def run(out: Path, weights: str | None = None, batch_size: int = 128, parts: tup
             print(f"inject {inject}: success {r['success']:.1%}")
         cols.append(ref[torch.tensor([q.data.index(b) for _, b in EDIT_PAIRS])])
         grid = to_grid(cols)
-        _save_atomic(out / "edits.png", lambda p: grid.save(p, format="PNG"))
+        atomic_write(out / "edits.png", lambda f: grid.save(f, format="PNG"))
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     if "examples" in parts and examples.is_dir():
@@ -358,11 +349,11 @@ def run(out: Path, weights: str | None = None, batch_size: int = 128, parts: tup
         src = ref[torch.tensor([q.data.index(a) for _, a, _ in EXAMPLE_EDITS])]
         tgt = ref[torch.tensor([q.data.index(b) for _, _, b in EXAMPLE_EDITS])]
         grid = to_grid([src, torch.cat(images), tgt])
-        _save_atomic(out / "examples.png", lambda p: grid.save(p, format="PNG"))
+        atomic_write(out / "examples.png", lambda f: grid.save(f, format="PNG"))
 
     report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     text = json.dumps(report, indent=2)
-    _save_atomic(out / "quality.json", lambda p: Path(p).write_text(text))
+    atomic_write(out / "quality.json", lambda f: f.write(text.encode()))
     print(f"\nwrote {out / 'quality.json'} and PNGs")
     return report
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fireflow._io import atomic_write
 from fireflow.demo import data as emoji_data
 from fireflow.models.demo import PATCH, MiniLMEncoder, grid_ids, pack, transformer_config
 from fireflow.schedules import flux_mu
@@ -152,10 +153,7 @@ class Trainer:
     def save(self, out: Path) -> None:
         """Checkpoint (atomic) and export the EMA weights for the adapter (atomic folder swap)."""
         out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".pt.tmp")
-        os.close(fd)
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, out / "checkpoint.pt")
+        atomic_write(out / "checkpoint.pt", lambda f: torch.save(self.state_dict(), f))
         export_weights(self.ema, out / "weights")
 
 
