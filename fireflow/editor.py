@@ -181,9 +181,6 @@ class FireFlowEditor:
         )
         return x, calls
 
-    def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, height: int, width: int, guidance):
-        return self.adapter.conditioning(embeds, pooled, height, width, guidance)
-
     @torch.no_grad()
     def invert_latents(
         self,
@@ -198,7 +195,7 @@ class FireFlowEditor:
         progress: bool | str = False,
     ) -> torch.Tensor:
         """Packed image latents ``[B, L, C]`` -> the noise they come from (t = 0 -> 1)."""
-        cond = self._conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
+        cond = self.adapter.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
         ts = self.adapter.timesteps(num_steps, height, width).flip(0)
         return self._solve(latents, cond, ts, solver, progress=progress)[0]
 
@@ -217,7 +214,7 @@ class FireFlowEditor:
         callback: solvers.StepCallback | None = None,
     ) -> torch.Tensor:
         """Noise ``[B, L, C]`` -> packed image latents (t = 1 -> 0), no feature injection."""
-        cond = self._conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
+        cond = self.adapter.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
         ts = self.adapter.timesteps(num_steps, height, width)
         return self._solve(latents, cond, ts, solver, progress=progress, callback=callback)[0]
 
@@ -290,8 +287,8 @@ class FireFlowEditor:
             storage_device=feature_device,
         )
         ts = self.adapter.timesteps(s.num_steps, height, width)
-        src = self._conditioning(*source, height, width, s.inversion_guidance)
-        tgt = self._conditioning(*target, height, width, s.guidance)
+        src = self.adapter.conditioning(*source, height, width, s.inversion_guidance)
+        tgt = self.adapter.conditioning(*target, height, width, s.guidance)
         with torch.no_grad(), self.adapter.processors.installed():
             noise, nfe_inv = self._solve(
                 latents, src, ts.flip(0), s.solver, reuse, reuse.recording, progress and "inversion"
@@ -415,7 +412,7 @@ class FireFlowEditor:
     ):
         """Prepare, encode and invert an image; returns what sampling back needs too."""
         src_image, latents = self._prepare(image, resize, max_pixels)
-        cond = self._conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
+        cond = self.adapter.conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
         ts = self._timesteps(num_steps, solver, src_image)
         noise, nfe = self._solve(latents, cond, ts.flip(0), solver, progress=progress and "inversion")
         return src_image, cond, ts, noise, nfe
@@ -497,7 +494,7 @@ class FireFlowEditor:
         width = width or self.adapter.default_size
         # The model's own size policy (crop to a multiple of 16, or the demo's fixed size).
         height, width = self.adapter.prepare_image(Image.new("RGB", (width, height))).size[::-1]
-        cond = self._conditioning(*self._encode_prompts(prompts), height, width, guidance)
+        cond = self.adapter.conditioning(*self._encode_prompts(prompts), height, width, guidance)
         if latents is None:
             shape = (len(prompts), self.adapter.seq_len(height, width), self.adapter.latent_channels)
             g = torch.Generator().manual_seed(seed) if seed is not None else None

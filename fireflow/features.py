@@ -123,10 +123,6 @@ class FeatureReuse:
         """Denoising call hook: inject in the first ``inject`` steps."""
         return self._active("inject" if call.step < self.inject else None, call)
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
-
     def __call__(
         self, block: BlockId, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

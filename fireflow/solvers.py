@@ -48,7 +48,6 @@ class _Stepper:
 
     def __init__(self, velocity: Velocity, ts: list[float], dtype: torch.dtype, call_hook: CallHook | None):
         self.velocity, self.ts, self.dtype, self.call_hook = velocity, ts, dtype, call_hook
-        self.nfe = 0
 
     def __call__(self, x: torch.Tensor, step: int, kind: CallKind) -> torch.Tensor:
         t_a, t_b = self.ts[step], self.ts[step + 1]
@@ -56,7 +55,6 @@ class _Stepper:
         hook = self.call_hook(VelocityCall(step, kind, t, t_a, t_b)) if self.call_hook else None
         with hook if hook is not None else contextlib.nullcontext():
             v = self.velocity(x, t)
-        self.nfe += 1
         if v.shape != x.shape:
             raise ValueError(f"velocity returned shape {tuple(v.shape)}, expected {tuple(x.shape)} like x")
         # The ODE state stays in its own dtype (fp32) whatever precision the model runs in.

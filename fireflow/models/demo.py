@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fireflow.image import to_rgb
 from fireflow.models.base import ModelAdapter
 
 WEIGHTS_DIR = Path(__file__).with_name("demo_weights")
@@ -187,12 +188,9 @@ class DemoAdapter(ModelAdapter):
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then pad to a square on white and resize to 32x32, as the training
         emoji were drawn. Transparency is composited on white first."""
+        image = to_rgb(image)
         if resize is not None:
             image = image.resize(resize, Image.Resampling.LANCZOS)
-        if image.mode in ("RGBA", "LA", "PA", "P"):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        image = image.convert("RGB")
         w, h = image.size
         if (w, h) == (self.resolution, self.resolution):
             return image
