@@ -102,6 +102,11 @@ def test_edit_latents_reproduces_the_reference_algorithm():
     latents = torch.randn(1, rows * cols, 16)
     src, tgt = torch.randn(1, 9, 32), torch.randn(1, 9, 32)
     src_pooled, tgt_pooled = torch.randn(1, 32), torch.randn(1, 32)
+
+    def reference(num_steps, inject):  # a fresh transformer: the reference installs its own processors
+        model = tiny_transformer(seed=3, num_single_layers=4)
+        return reference_edit(model, latents, src, src_pooled, tgt, tgt_pooled, rows, cols, num_steps, inject)
+
     for num_steps, inject in [(8, 1), (15, 2), (4, 0)]:
         ours = FireFlowEditor(transformer=tiny_transformer(seed=3, num_single_layers=4)).edit_latents(
             latents=latents,
@@ -115,32 +120,10 @@ def test_edit_latents_reproduces_the_reference_algorithm():
             inject=inject,
             guidance=2.0,
         )
-        ref = reference_edit(
-            tiny_transformer(seed=3, num_single_layers=4),
-            latents,
-            src,
-            src_pooled,
-            tgt,
-            tgt_pooled,
-            rows,
-            cols,
-            num_steps,
-            inject,
-        )
+        ref = reference(num_steps, inject)
         rel = ((ours - ref).norm() / ref.norm()).item()
         print(f"steps {num_steps} inject {inject}: relative error {rel:.2e}")
         assert rel <= 1e-5, (num_steps, inject, rel)
         if inject:  # the check has teeth: dropping the injection moves the result far more
-            plain = reference_edit(
-                tiny_transformer(seed=3, num_single_layers=4),
-                latents,
-                src,
-                src_pooled,
-                tgt,
-                tgt_pooled,
-                rows,
-                cols,
-                num_steps,
-                0,
-            )
+            plain = reference(num_steps, 0)
             assert ((plain - ref).norm() / ref.norm()).item() > 100 * max(rel, 1e-6)
