@@ -149,9 +149,14 @@ class Sprites:
     rgb: dict[int, torch.Tensor]
     alpha: dict[int, torch.Tensor]
 
-    def mask(self, obj: int, size: int) -> np.ndarray:
-        """The object's mask in its placement square: alpha >= 0.5."""
-        return (self.alpha[SIZES[size]][obj, 0] >= 0.5).numpy()
+    def mask(self, obj: int, size: int, opaque: bool = False) -> np.ndarray:
+        """The object's mask in its placement square: every pixel it touches (alpha > 0, or a
+        colour channel > 0: Pillow's 8-bit premultiplication leaves a few 1/255 colours where
+        alpha rounds to 0), or with ``opaque`` only the pixels it covers entirely (alpha = 1)."""
+        a = self.alpha[SIZES[size]][obj, 0]
+        if opaque:
+            return (a >= 1.0).numpy()
+        return ((a > 0) | (self.rgb[SIZES[size]][obj].amax(0) > 0)).numpy()
 
 
 def render_sprites(font_path: str = FONT_PATH) -> dict[str, np.ndarray]:
@@ -218,12 +223,14 @@ def composite(scene: Scene, spr: Sprites | None = None) -> torch.Tensor:
     return (img * 255).round().clamp(0, 255) / 255
 
 
-def object_mask(scene: Scene, spr: Sprites | None = None) -> np.ndarray:
-    """Boolean ``[H, W]``: where the object's alpha is at least 0.5."""
+def object_mask(scene: Scene, spr: Sprites | None = None, opaque: bool = False) -> np.ndarray:
+    """Boolean ``[H, W]``: every pixel the object touches (alpha > 0); outside it the scene is
+    exactly the background. With ``opaque``: the pixels it covers entirely (alpha = 1), which
+    show no background at all."""
     spr = spr or sprites()
     m = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
     x0, y0, x1, y1 = scene.box
-    m[y0:y1, x0:x1] = spr.mask(scene.obj, scene.size)
+    m[y0:y1, x0:x1] = spr.mask(scene.obj, scene.size, opaque)
     return m
 
 
