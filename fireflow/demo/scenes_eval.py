@@ -143,6 +143,62 @@ def instruction(case: EditCase) -> str:
     return f"turn the {S.OBJECT_NAMES[a.obj]} into a {S.OBJECT_NAMES[b.obj]}"
 
 
+#: The README's and the web page's example edits: (source scene, target object, target background),
+#: objects off-centre so that a kept layout shows. Each is nudged to the nearest held-out scene.
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples" / "scenes"
+_EXAMPLE_SPECS = [
+    (("cat face", "sky blue", 1, 2, 3), "dog face", None),
+    (("red heart", "white", 0, 14, 13), "blue heart", None),
+    (("red apple", "beige", 1, 9, 1), "green apple", None),
+    (("fox", "mint green", 0, 3, 15), "panda", None),
+    (("lemon", "gray", 1, 10, 9), "tangerine", None),
+    (("yellow heart", "black", 0, 2, 2), None, "sky blue"),
+    (("frog", "white", 1, 0, 10), "pig face", None),
+    (("strawberry", "sky blue", 0, 15, 4), None, "beige"),
+]
+
+
+def example_cases() -> list[EditCase]:
+    out = []
+    for (name, bg, size, x, y), t_obj, t_bg in _EXAMPLE_SPECS:
+        src = S.Scene(S.OBJECT_NAMES.index(name), S.BACKGROUND_NAMES.index(bg), size, x, y)
+        span = S.RESOLUTION - src.side
+        for d in range(S.RESOLUTION):  # nearest held-out position, scanning outwards along x
+            cand = [src.replace(x=xx) for xx in (x + d, x - d) if 0 <= xx <= span]
+            held = [c for c in cand if S.is_held_out(c.obj, c.bg, c.size, c.x, c.y)]
+            if held:
+                src = held[0]
+                break
+        tgt = src.replace(obj=S.OBJECT_NAMES.index(t_obj)) if t_obj else src.replace(bg=S.BACKGROUND_NAMES.index(t_bg))
+        type_id = "8" if t_bg else ("6" if S.FAMILIES[src.obj] == "hearts" or name in APPLES else "1")
+        stem = f"{name}_{bg}".replace(" ", "_")
+        out.append(EditCase(stem, type_id, src, tgt))
+    return out
+
+
+def example_command(c: EditCase, model: str = "scenes") -> str:
+    out = c.target.prompt.split(",")[0].replace(" ", "_") if c.type_id != "8" else f"{c.key}_to_{c.target.bg}"
+    if c.type_id == "8":
+        out = f"{S.OBJECT_NAMES[c.target.obj]}_{S.BACKGROUND_NAMES[c.target.bg]}".replace(" ", "_")
+    return (
+        f'fireflow edit examples/scenes/{c.key}.png -s "{c.source.prompt}" -t "{c.target.prompt}" '
+        f"-o {out}.png --model {model}"
+    )
+
+
+def write_examples(folder: Path = EXAMPLES_DIR) -> list[EditCase]:
+    cases = example_cases()
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = {}
+    for c in cases:
+        img = Image.fromarray(S.to_uint8(S.composite(c.source)))
+        atomic_write(folder / f"{c.key}.png", lambda f, img=img: img.save(f, format="PNG"))
+        prompts[f"{c.key}.png"] = {"source": c.source.prompt, "target": c.target.prompt, "scene": asdict(c.source)}
+    text = json.dumps(prompts, indent=1) + "\n"
+    atomic_write(folder / "prompts.json", lambda f: f.write(text.encode()))
+    return cases
+
+
 def write_set(out: Path = SET_DIR, cases: list[EditCase] | None = None) -> list[EditCase]:
     cases = cases if cases is not None else build_set()
     mapping = {}
@@ -575,6 +631,8 @@ def main() -> None:
     t.add_argument("--data", type=Path, default=SET_DIR)
     t.add_argument("--quick", action="store_true", help="inject 1 only, three reconstructions")
     t.add_argument("--threads", type=int, default=1)
+    ex = sub.add_parser("write-examples", help="write the example scenes (32x32 PNGs) and prompts.json")
+    ex.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     lay = sub.add_parser("layout", help="layout metrics of a `fireflow bench pie` run on this set")
     lay.add_argument("--data", type=Path, default=SET_DIR)
     lay.add_argument("--edits", type=Path, required=True)
@@ -582,6 +640,9 @@ def main() -> None:
     if args.command == "write-set":
         cases = write_set(args.out)
         print(f"{len(cases)} edits -> {args.out}")
+    elif args.command == "write-examples":
+        for c in write_examples(args.out):
+            print(example_command(c))
     elif args.command == "table":
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)
