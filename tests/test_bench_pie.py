@@ -243,7 +243,7 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     from fireflow.bench._editing import edit_fn
 
     settings = _tiny_settings()
-    assert settings["num_steps"] == 2 and settings["blocks"] == "all" and "feature_device" not in settings
+    assert settings["num_steps"] == 2 and settings["blocks"] == "default" and "feature_device" not in settings
     types = {"0", "6"}
     counts = pie.run_pie(data, tmp_path, edit_fn(tiny_editor, settings), settings, "tiny", types, progress=False)
     assert counts["edited"] == 4 and counts["merged"] == 4
@@ -254,6 +254,30 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     assert summary["overall"]["n"] == 4 and summary["settings"] == settings
     o = summary["overall"]["raw"]
     assert math.isfinite(o["psnr"]) and 0 < o["ssim"] < 1 and o["lpips"] > 0 and o["structure_distance"] > 0
+
+
+def test_masked_run_keeps_the_background_and_is_reported_apart(data, tmp_path, tiny_editor, metric_models):
+    from fireflow.bench._editing import edit_fn, settings_from_args
+    from fireflow.cli import build_parser
+
+    argv = ["bench", "pie", "--data", "d", "--out", "o", "--steps", "2", "--use-mask", "--paste-pixels"]
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    settings.update(mask=pie.MASK_LABEL, paste_pixels=True)  # as bench_cli records them
+    types = {"1"}
+    masked, free = tmp_path / "masked", tmp_path / "free"
+    pie.run_pie(data, masked, edit_fn(tiny_editor, settings), settings, "tiny", types, progress=False)
+    plain = _tiny_settings()
+    pie.run_pie(data, free, edit_fn(tiny_editor, plain), plain, "tiny", types, progress=False)
+    a = pie.evaluate_pie(data, masked, None, metric_models, types, progress=False)
+    b = pie.evaluate_pie(data, free, None, metric_models, types, progress=False)
+    assert a["masked"] and not b["masked"] and a["table"].startswith("MASKED run")
+    # Pixel paste: the background is the source's, up to the JPEG re-encoding of the saved edit
+    # (the data set's .jpg names); the mask-free edit of the random tiny model repaints it.
+    assert a["overall"]["raw"]["psnr"] >= 40 and a["overall"]["raw"]["psnr"] > b["overall"]["raw"]["psnr"] + 15
+    table = pie.format_comparison({"masked": a, "free": b})
+    head, _, tail = table.partition("MASKED runs")
+    assert "free" in head and "masked" not in head.split("\n", 1)[1] and "masked" in tail
 
 
 def test_json_outputs_are_standard(tmp_path):
@@ -343,7 +367,7 @@ def test_cli_checks_the_folder_before_loading_a_model(data, tmp_path, capsys):
     assert main([*argv, "--steps", "15", "--inject", "2"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err  # not a model-not-found error
     assert main([*argv, "--inject", "9"]) == 2
-    assert "--inject must be between 0 and --steps=8" in capsys.readouterr().err
+    assert "--inject must be between 0 and the step count 8" in capsys.readouterr().err
 
 
 def test_eval_compares_several_edit_folders(data, tmp_path, capsys):
