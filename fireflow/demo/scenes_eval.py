@@ -410,7 +410,7 @@ class Bench:
         self.side = S.RESOLUTION
         self.sources = torch.stack([S.composite(c.source) for c in self.cases])  # [B, 3, H, W] in [0, 1]
         self.latents = self.adapter.encode_image(self.sources * 2 - 1)
-        self.src_emb = self.adapter.encode_prompt([c.source.prompt for c in self.cases])
+        self.src_emb = self.adapter.encode_prompt([c.source.prompt for c in self.cases])  # {name: tensor}
         self.tgt_emb = self.adapter.encode_prompt([c.target.prompt for c in self.cases])
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -426,13 +426,11 @@ class Bench:
         for sl in self._chunks(len(self.cases)):
             out.append(
                 self.editor.edit_latents(
-                    latents=self.latents[sl],
-                    height=self.side,
-                    width=self.side,
-                    source_prompt_embeds=self.src_emb[0][sl],
-                    source_pooled_prompt_embeds=self.src_emb[1][sl],
-                    target_prompt_embeds=self.tgt_emb[0][sl],
-                    target_pooled_prompt_embeds=self.tgt_emb[1][sl],
+                    self.latents[sl],
+                    self.side,
+                    self.side,
+                    **{f"source_{k}": v[sl] for k, v in self.src_emb.items()},
+                    **{f"target_{k}": v[sl] for k, v in self.tgt_emb.items()},
                     num_steps=s.steps,
                     inject=s.inject,
                     solver=s.solver,
@@ -444,9 +442,11 @@ class Bench:
     def reconstruct(self, solver: str, steps: int) -> dict:
         out = []
         for sl in self._chunks(len(self.cases)):
-            args = (self.side, self.side, self.src_emb[0][sl], self.src_emb[1][sl])
-            noise = self.editor.invert_latents(self.latents[sl], *args, num_steps=steps, solver=solver)
-            out.append(self.editor.sample_latents(noise, *args, num_steps=steps, solver=solver))
+            kw = {k: v[sl] for k, v in self.src_emb.items()}
+            noise = self.editor.invert_latents(
+                self.latents[sl], self.side, self.side, num_steps=steps, solver=solver, **kw
+            )
+            out.append(self.editor.sample_latents(noise, self.side, self.side, num_steps=steps, solver=solver, **kw))
         rec = self._decode(torch.cat(out))
         mse = (rec - self.sources).pow(2).flatten(1).mean(1).clamp(min=1e-10)
         p = 10 * torch.log10(1 / mse)
@@ -455,13 +455,13 @@ class Bench:
 
     def generate(self, seeds: int = 2, steps: int = 8) -> tuple[dict, torch.Tensor]:
         prompts = [p for _ in range(seeds) for p in S.PROMPTS]
-        embeds, pooled = self.adapter.encode_prompt(prompts)
+        emb = self.adapter.encode_prompt(prompts)
         g = torch.Generator().manual_seed(0)
         noise = torch.randn((len(prompts), *self.latents.shape[1:]), generator=g)
         out = []
         for sl in self._chunks(len(prompts)):
-            out.append(self.editor.sample_latents(noise[sl], self.side, self.side, embeds[sl], pooled[sl],
-                                                  num_steps=steps))  # fmt: skip
+            kw = {k: v[sl] for k, v in emb.items()}
+            out.append(self.editor.sample_latents(noise[sl], self.side, self.side, num_steps=steps, **kw))
         images = self._decode(torch.cat(out))
         det = detect(images)
         want_obj = torch.tensor([o for _ in range(seeds) for o in range(len(S.OBJECTS)) for _ in S.BACKGROUNDS])
@@ -606,6 +606,53 @@ def run_table(weights: str, out: Path, data: Path = SET_DIR, quick: bool = False
     return report
 
 
+def run_probe(weights: str, data: Path = SET_DIR) -> dict:
+    """The cheap subset for a training curve: generation (one noise per prompt), FireFlow-8
+    reconstruction, and the FireFlow-8 edits at inject 0 and 1."""
+    bench = Bench(weights, data)
+    gen, _ = bench.generate(seeds=1)
+    row = {"weights": str(weights), "object_top1": gen["object_top1"], "background": gen["background"]}
+    row["recon_fireflow8"] = bench.reconstruct("fireflow", 8)["psnr"]
+    for k in (0, 1):
+        o = summarize(layout_metrics(bench.cases, bench.edit(Setting("fireflow", 8, k))))["overall"]
+        row[f"inject{k}"] = {m: round(o[m], 4) for m in METRICS}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot_curve(log: Path, out: Path, probes: Path | None = None) -> None:
+    """The training loss from ``log.jsonl`` (and probe results, if given) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in recs}  # a resumed run may log a step twice: keep the last
+    steps = sorted(by_step)
+    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(10 if probes else 5, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, [by_step[s]["loss"] for s in steps], lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean of 50 batches)")
+    lr = ax.twinx()
+    lr.plot(steps, [by_step[s]["lr"] for s in steps], color="gray", lw=0.8, ls="--")
+    lr.set_ylabel("learning rate", color="gray")
+    if probes:
+        rows = [json.loads(line) for line in Path(probes).read_text().splitlines() if line.strip()]
+        xs = [r["step"] for r in rows]
+        ax2 = axes[0, 1]
+        ax2.plot(xs, [r["object_top1"] for r in rows], "o-", label="generation object top-1")
+        ax2.plot(xs, [r["inject1"]["target_hit"] for r in rows], "s-", label="edit target hit (inject 1)")
+        ax2.plot(xs, [r["inject1"]["object_iou"] for r in rows], "^-", label="edit object IoU (inject 1)")
+        ax2.set_xlabel("step")
+        ax2.set_ylim(0, 1)
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def run_layout(data: Path, edits: Path) -> dict:
     """Layout metrics of a ``fireflow bench pie`` output folder on this set."""
     cases = load_set(data)
@@ -631,6 +678,13 @@ def main() -> None:
     t.add_argument("--data", type=Path, default=SET_DIR)
     t.add_argument("--quick", action="store_true", help="inject 1 only, three reconstructions")
     t.add_argument("--threads", type=int, default=1)
+    pr = sub.add_parser("probe", help="the cheap subset of `table`, one JSON line (for a training curve)")
+    pr.add_argument("--weights", required=True)
+    pr.add_argument("--threads", type=int, default=1)
+    cu = sub.add_parser("curve", help="plot a run's log.jsonl (and probe lines) to a PNG")
+    cu.add_argument("--log", type=Path, required=True)
+    cu.add_argument("--probes", type=Path, default=None, help="JSON lines from `probe`, each with a step")
+    cu.add_argument("--out", type=Path, required=True)
     ex = sub.add_parser("write-examples", help="write the example scenes (32x32 PNGs) and prompts.json")
     ex.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     lay = sub.add_parser("layout", help="layout metrics of a `fireflow bench pie` run on this set")
@@ -643,6 +697,12 @@ def main() -> None:
     elif args.command == "write-examples":
         for c in write_examples(args.out):
             print(example_command(c))
+    elif args.command == "probe":
+        torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)
+        run_probe(args.weights)
+    elif args.command == "curve":
+        plot_curve(args.log, args.out, args.probes)
     elif args.command == "table":
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)
