@@ -189,3 +189,24 @@ def test_scene_batches_are_deterministic_and_in_range():
 def test_nfe_of_the_table_settings():
     assert E.nfe("fireflow", 8) == E.nfe("euler", 9) == 18
     assert E.nfe("midpoint", 4) == 16 and E.nfe("midpoint", 5) == 20 and E.nfe("fireflow", 15) == 32
+
+
+def test_training_on_scenes_resumes_exactly(tmp_path):
+    from fireflow.demo.train import TrainConfig, train
+    from fireflow.models.demo import transformer_config
+
+    tiny = TrainConfig(
+        steps=4,
+        batch_size=4,
+        warmup=1,
+        dataset="scenes",
+        model=transformer_config(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8),
+    )
+    straight = train(tmp_path / "a", tiny, device="cpu")
+    assert len(straight.prompts) == len(S.PROMPTS)
+    train(tmp_path / "b", tiny, until=2, device="cpu")
+    resumed = train(tmp_path / "b", resume=True, device="cpu")
+    assert resumed.step == straight.step == 4
+    for k, a in straight.model.state_dict().items():
+        assert torch.equal(a, resumed.model.state_dict()[k]), k
+    assert torch.equal(straight.gen.get_state(), resumed.gen.get_state())

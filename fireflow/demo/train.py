@@ -2,6 +2,10 @@
 
     python -m fireflow.demo.train --out /work/runs/demo --steps 6000 --minutes 90
     python -m fireflow.demo.train --out /work/runs/demo --resume     # continue after a stop
+    python -m fireflow.demo.train --out /work/runs/scenes --dataset scenes --steps 8000
+
+``--dataset scenes`` trains on emoji composited on the fly at a random position and size on a
+palette background (:mod:`fireflow.demo.scenes`), never drawing the held-out tenth of scenes.
 
 The flow follows FLUX's convention: ``x_t = (1 - t) x_0 + t noise``, target ``noise - x_0``, t = 1
 is noise. Times are drawn logit-normal (with a uniform share so both ends are seen) and pushed
