@@ -598,7 +598,7 @@ def run_table(weights: str, out: Path, data: Path = SET_DIR, quick: bool = False
     }
     grid = to_grid(cols)
     atomic_write(out / "scenes_grid.png", lambda f: grid.save(f, format="PNG"))
-    gen_grid = to_grid([generated[i :: len(S.BACKGROUNDS)][:20] for i in range(len(S.BACKGROUNDS))])
+    gen_grid = to_grid([generated[i :: len(S.BACKGROUNDS)][:20] for i in range(len(S.BACKGROUNDS))], scale=2)
     atomic_write(out / "scenes_generated.png", lambda f: gen_grid.save(f, format="PNG"))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     md = markdown(report)
