@@ -487,6 +487,21 @@ class Bench:
         return result, images
 
 
+def run_examples(bench: Bench, folder: Path = EXAMPLES_DIR, model: str = "scenes") -> tuple[list[dict], list]:
+    """The example edits from their PNG files through ``editor.edit`` at its defaults, as the CLI
+    runs them; layout metrics of each result."""
+    from fireflow.image import to_tensor
+
+    rows, images = [], []
+    for c in example_cases():
+        out = bench.editor.edit(folder / f"{c.key}.png", c.source.prompt, c.target.prompt)
+        img = (to_tensor(out.images[0])[0] + 1) / 2
+        m = layout_metrics([c], img[None])[0]
+        rows.append({"command": example_command(c, model), "seconds": round(out.seconds, 2), **m})
+        images.append(img)
+    return rows, images
+
+
 def to_grid(columns: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.Image:
     rows, _, h, w = columns[0].shape
     grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 160, np.uint8)
@@ -554,6 +569,19 @@ def markdown(report: dict) -> str:
             f"| {row['label']} | {row['nfe']} | {_fmt(o['target_hit'], True)} | {_fmt(o['object_iou'])} "
             f"| {_fmt(o['kept_psnr'])} | {_fmt(o['psnr_to_ideal'])} | " + " | ".join(cells) + " |"
         )
+    if "examples" in report:
+        lines += [
+            "",
+            "**Examples** (`examples/scenes/`, through `editor.edit` at its defaults, as the CLI runs them):",
+            "",
+            "| command | detected | hit | IoU | kept dB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in report["examples"]:
+            lines.append(
+                f"| `{r['command']}` | {r['detected']} | {'yes' if r['target_hit'] else 'no'} "
+                f"| {r['object_iou']:.2f} | {r['kept_psnr']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -600,6 +628,16 @@ def run_table(weights: str, out: Path, data: Path = SET_DIR, quick: bool = False
     atomic_write(out / "scenes_grid.png", lambda f: grid.save(f, format="PNG"))
     gen_grid = to_grid([generated[i :: len(S.BACKGROUNDS)][:20] for i in range(len(S.BACKGROUNDS))], scale=2)
     atomic_write(out / "scenes_generated.png", lambda f: gen_grid.save(f, format="PNG"))
+    if not quick and EXAMPLES_DIR.is_dir():
+        rows, images = run_examples(bench, model=str(weights))
+        report["examples"] = rows
+        ex = example_cases()
+        cols = [torch.stack([S.composite(c.source) for c in ex]), torch.stack(images)]
+        cols.append(torch.stack([S.composite(c.target) for c in ex]))
+        grid = to_grid(cols)
+        atomic_write(out / "scenes_examples.png", lambda f: grid.save(f, format="PNG"))
+        hits = sum(r["target_hit"] for r in rows)
+        print(f"examples: {hits}/{len(rows)} hit the target")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     md = markdown(report)
     atomic_write(out / "scenes_table.md", lambda f: f.write(md.encode()))
@@ -634,7 +672,7 @@ def plot_curve(log: Path, out: Path, probes: Path | None = None) -> None:
     recs = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     by_step = {r["step"]: r for r in recs}  # a resumed run may log a step twice: keep the last
     steps = sorted(by_step)
-    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(10 if probes else 5, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if probes else 1, figsize=(14 if probes else 5, 3.2), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, [by_step[s]["loss"] for s in steps], lw=1)
     ax.set_yscale("log")
@@ -653,6 +691,12 @@ def plot_curve(log: Path, out: Path, probes: Path | None = None) -> None:
         ax2.set_xlabel("step")
         ax2.set_ylim(0, 1)
         ax2.legend(fontsize=7)
+        ax3 = axes[0, 2]
+        ax3.plot(xs, [r["recon_fireflow8"] for r in rows], "o-", label="reconstruction FireFlow-8 (dB)")
+        ax3.plot(xs, [r["inject1"]["kept_psnr"] for r in rows], "s-", label="edit kept-region PSNR, inject 1 (dB)")
+        ax3.plot(xs, [r["inject0"]["kept_psnr"] for r in rows], "v--", label="edit kept-region PSNR, inject 0 (dB)")
+        ax3.set_xlabel("step")
+        ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
