@@ -23,7 +23,11 @@ class ImageError(ValueError):
     """The input is not a usable image."""
 
 
-def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+class ImageTooLarge(ImageError):
+    """The image has more pixels than the limit (refused from the file's header when it is a file)."""
+
+
+def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open ``image`` as an 8-bit RGB PIL image with its EXIF orientation applied.
 
     RGBA and LA are composited on white; palette, grayscale, CMYK and 16-bit modes are converted.
@@ -31,18 +35,20 @@ def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.
 
     A file is sized from its header and refused before any pixel is decoded when it has more than
     ``max_pixels`` pixels (None: no limit of ours; Pillow's decompression-bomb limit still holds).
-    Every refusal, whatever the size, is one :class:`ImageError` of the same wording.
+    Every refusal, whatever the size, is one :class:`ImageTooLarge` of the same wording. ``name``
+    replaces "image '<path>'" in messages (a server does not show its paths).
     """
+    what = name or "image"
     if isinstance(image, (str, os.PathLike)):
-        pil = _open_file(Path(image), max_pixels)
+        pil = _open_file(Path(image), max_pixels, name)
     elif isinstance(image, Image.Image):
-        check_pixels(image.size, max_pixels)
+        check_pixels(image.size, max_pixels, what)
         pil = ImageOps.exif_transpose(image)
     elif isinstance(image, np.ndarray):
         pil = _from_array(image)
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; accepted: path, PIL.Image, numpy array")
-    check_pixels(pil.size, max_pixels)
+    check_pixels(pil.size, max_pixels, what)
     return to_rgb(pil)
 
 
@@ -53,18 +59,20 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None, what: str = "ima
         raise too_large(w, h, max_pixels, what)
 
 
-def too_large(w: int | None, h: int | None, limit: int, what: str = "image", pixels: int | None = None) -> ImageError:
+def too_large(
+    w: int | None, h: int | None, limit: int, what: str = "image", pixels: int | None = None
+) -> ImageTooLarge:
     """The one message for an image over a pixel limit."""
     n = pixels if w is None or h is None else w * h
     dims = f"{w}x{h} = " if w is not None and h is not None else ""
-    return ImageError(f"{what} is {dims}{n} pixels, more than the limit of {limit}; use a smaller image")
+    return ImageTooLarge(f"{what} is {dims}{n} pixels, more than the limit of {limit}; use a smaller image")
 
 
-def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
+def _open_file(path: Path, max_pixels: int | None, name: str | None = None) -> Image.Image:
     """Decode ``path`` only after its header says it is small enough."""
+    what = name or f"image {str(path)!r}"
     if not path.is_file():
-        raise ImageError(f"image {str(path)!r} not found")
-    what = f"image {str(path)!r}"
+        raise ImageError(f"{what} not found")
     # Pillow's own guard sits at 2 x Image.MAX_IMAGE_PIXELS; ours is usually far lower, and the
     # warning Pillow prints between its two thresholds would be a second line for one refusal.
     bomb_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
@@ -80,7 +88,7 @@ def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise too_large(None, None, limit, what, int(m.group(1)) if m else None) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{str(path)!r} is not a readable image: {e}") from None
+        raise ImageError(f"{what} is not a readable image: {e}") from None
     with im:
         check_pixels(im.size, max_pixels, what)
         try:
@@ -88,7 +96,7 @@ def _open_file(path: Path, max_pixels: int | None) -> Image.Image:
         except Image.DecompressionBombError:  # a frame larger than the header said
             raise too_large(*im.size, bomb_limit or 0, what) from None
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
-            raise ImageError(f"{str(path)!r} is not a readable image: {e}") from None
+            raise ImageError(f"{what} is not a readable image: {e}") from None
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:

@@ -14,12 +14,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,47 +93,93 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory, request):
-    """``python -m fireflow serve`` on a free port; yields its base URL."""
+#: Upload limits of the test server: small, so that crossing them stays cheap.
+MAX_UPLOAD_MB = 1
+KEEP_UPLOADS = 6
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    tmp: Path  # the server's TMPDIR: its own temporary folder is the one fireflow-web-* in it
+    log: Path
+
+    def workdir(self) -> Path | None:
+        found = list(self.tmp.glob("fireflow-web-*"))
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    def files(self) -> list[Path]:
+        """Everything in Gradio's folder: uploads, the examples, Gradio's copies of results."""
+        return sorted(p for p in (self.workdir() / "gradio").glob("*/*") if p.is_file())
+
+
+def _start_server(model: str, folder: Path, *extra: str) -> Server:
+    """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    tmp = folder / "tmp"
+    tmp.mkdir()
+    log = folder / "serve.log"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # the same arithmetic as this process (conftest sets one thread)
+        "TMPDIR": str(tmp),
     }
-    # Two edits at once, so the two-page test really runs them side by side in the server.
+    env.pop("GRADIO_TEMP_DIR", None)
     cmd = [sys.executable, "-m", "fireflow", "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
-    cmd += ["--port", str(port), "--max-pixels", str(MAX_PIXELS), "--concurrency", "2"]
+    cmd += ["--port", str(port), "--max-pixels", str(MAX_PIXELS), *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    return Server(f"http://127.0.0.1:{port}", proc, tmp, log)
+
+
+def _wait_until_up(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if server.proc.poll() is not None:
+            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(server.url + "/", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server did not answer in {START_TIMEOUT} s:\n{server.log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+    try:
+        server.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory, request) -> Server:
+    """The server every page test shares (two edits at once, so the two-page test really overlaps them)."""
+    limits = ["--max-upload-mb", str(MAX_UPLOAD_MB), "--keep-uploads", str(KEEP_UPLOADS)]
+    s = _start_server(model, tmp_path_factory.mktemp("server"), "--concurrency", "2", *limits)
     try:
         request.getfixturevalue("editor")  # load the reference model while the server starts
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer in {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        _wait_until_up(s)
+        yield s
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(s)
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    """The shared server's base URL."""
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +246,22 @@ class Page:
         return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
 
     def error(self, text: str) -> str:
-        """Wait for an error toast containing ``text``; returns its whole text."""
-        toast = self.page.locator(".toast-body").filter(has_text=text).last
-        toast.wait_for(state="visible", timeout=30_000)
-        return toast.inner_text()
+        """Wait for the page's error line (where the result line goes) to contain ``text``; returns it."""
+        line = self.page.locator("#edit-info .fireflow-error").filter(has_text=text)
+        line.wait_for(state="visible", timeout=30_000)
+        return line.inner_text()
+
+    def edit_expecting_error(self, text: str) -> str:
+        """Click Edit and wait for a new error line containing ``text`` (not the one already shown)."""
+        before = self.info()
+        self.page.locator("#edit-button").click()
+        self.page.wait_for_function(
+            "([before, text]) => { const e = document.querySelector('#edit-info .fireflow-error');"
+            " return e && e.innerText.includes(text) && document.querySelector('#edit-info').innerText !== before; }",
+            arg=[before, text],
+            timeout=30_000,
+        )
+        return self.error(text)
 
     def close(self) -> None:
         self.context.close()
@@ -373,29 +433,26 @@ def test_examples_gallery(open_page, editor, tmp_path):
 
 @needs_browser
 def test_validation_messages(open_page, photo, tmp_path):
-    """Every kind of bad input gives a clear message in the page, and no result."""
+    """Every kind of bad input gives a clear message in the page, in place of the result line, and no result."""
     p = open_page()
     page = p.page
-    page.locator("#edit-button").click()
-    p.error("Upload or paste an image first.")
+    assert p.edit_expecting_error("Upload or paste an image first.")
 
     not_image = tmp_path / "notes.png"  # an image's name, text inside: gets past the browser's file filter
     not_image.write_text("this is not a picture\n")
     p.upload(not_image, image=False)
-    page.locator("#edit-button").click()
-    p.error("not an image this server can read")
+    p.edit_expecting_error("not an image this server can read")
 
     big = _draw(tmp_path / "big.png", 300, (0, 0, 0), (255, 255, 255))  # 90000 px > MAX_PIXELS
     p.upload(big)
     p.fill("source", "a white circle")
     p.fill("target", "a black circle")
-    page.locator("#edit-button").click()
-    assert "300x300" in p.error(f"more than this server's limit of {MAX_PIXELS}")
+    line = p.edit_expecting_error(f"more than this server's limit of {MAX_PIXELS}")
+    assert "The image is 300x300 = 90000 pixels" in line, line
 
     p.upload(photo)
     p.fill("target", "   ")
-    page.locator("#edit-button").click()
-    p.error("The target prompt is empty")
+    p.edit_expecting_error("The target prompt is empty")
     p.fill("target", "a yellow circle")
 
     defaults = {"steps": 8, "inject": 1, "blocks": "all", "strategy": "replace_v"}
@@ -403,7 +460,7 @@ def test_validation_messages(open_page, photo, tmp_path):
         ({"steps": 0}, "Steps must be between 1 and 100, got 0"),
         ({"steps": ""}, "Steps must be a whole number"),
         ({"steps": 2, "inject": 5}, "inject must be between 0 and num_steps=2, got 5"),
-        ({"blocks": "abc"}, "bad block spec 'abc'"),
+        ({"blocks": "abc"}, "bad block spec 'abc'"),  # quotes as typed: no HTML entities on the page
         ({"blocks": "0-99"}, "out of range; this model has single blocks"),
         ({"strategy": "swap_v"}, "unknown strategy 'swap_v'"),
     ):
@@ -411,12 +468,215 @@ def test_validation_messages(open_page, photo, tmp_path):
             p.fill(elem_id, value)
         if "strategy" in changes:
             page.locator("#strategy input").press("Enter")  # a custom value is taken on Enter
-        page.locator("#edit-button").click()
-        p.error(message)
+        p.edit_expecting_error(message)
         for elem_id in changes:
             p.fill(elem_id, defaults[elem_id])
     assert page.locator("#out-edit img").count() == 0  # nothing was edited along the way
+    assert page.locator("#out-source img").count() == 0
     assert "NFE" not in p.info()
+    assert page.locator(".toast-body").count() == 0  # the messages are in the page, not in vanishing toasts
+
+
+@needs_browser
+def test_error_clears_the_previous_result(open_page, editor, photo):
+    """After a good edit, a bad one leaves no stale result or download on screen; the error stays until
+    the next edit, which brings the result back."""
+    p = open_page()
+    page = p.page
+    p.upload(photo)
+    p.fill("source", "a red circle")
+    p.fill("target", "a yellow circle")
+    p.edit()
+    assert page.locator("#out-edit img").count() == 1
+    assert page.locator("#download").is_enabled()
+
+    p.fill("blocks", "abc")
+    p.edit_expecting_error("bad block spec 'abc'")
+    for elem_id in ("out-edit", "out-source"):
+        assert page.locator(f"#{elem_id} img").count() == 0, f"{elem_id} still shows the previous edit"
+    assert not page.locator("#download").is_enabled(), "the download still offers the previous edit"
+    time.sleep(11)  # longer than a toast lives: the message must still be there
+    assert "bad block spec 'abc'" in p.error("bad block spec")
+
+    p.fill("blocks", "all")
+    info = p.edit()
+    assert "Cannot edit" not in info and _nfe(info) == 18
+    _assert_same(p.image("out-edit"), editor.edit(photo, "a red circle", "a yellow circle").image, "edit")
+    assert page.locator("#download").is_enabled()
+
+
+# ---- the API, uploads, signals, the port ----------------------------------------------------------
+def _upload(server: str, name: str, data: bytes) -> tuple[int, str]:
+    """POST one file to Gradio's upload route; returns (status, body)."""
+    boundary = "fireflowtestboundary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(
+        f"{server}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _png_bytes(size: int, color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _api_edit(server: str, image: dict | None, *knobs) -> str:
+    """Call the edit API (source, target, then the knobs as the page orders them); returns the event stream."""
+    defaults = ["a red circle", "a yellow circle", 8, 1, 2, "fireflow", "replace_v", "all", 1, False]
+    data = [image, *knobs, *defaults[len(knobs) :]]
+    req = urllib.request.Request(
+        f"{server}/gradio_api/call/edit", data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{server}/gradio_api/call/edit/{event}", timeout=EDIT_TIMEOUT_MS / 1000) as r:
+        return r.read().decode()
+
+
+def _file(path: str) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+@needs_gradio
+def test_api_errors_are_plain_text(server):
+    """API clients get the message as written: quotes, not HTML entities; an error event, no result."""
+    status, body = _upload(server, "c.png", _png_bytes(40, (200, 30, 30)))
+    assert status == 200, body
+    path = json.loads(body)[0]
+    for knobs, message in (
+        (("a red circle", "a yellow circle", 8, 1, 2, "fireflow", "swap_v"), "unknown strategy 'swap_v'"),
+        (("a red circle", "a <b>bold</b> & 'quoted' target", 8, 1, 2, "fireflow", "replace_v", "x&y"),
+         "bad block spec 'x&y'"),
+        (("", "a yellow circle"), "The source prompt is empty"),
+    ):  # fmt: skip
+        stream = _api_edit(server, _file(path), *knobs)
+        assert "event: error" in stream and "event: complete" not in stream, stream
+        error = json.loads(stream.split("data:", 1)[1].strip())["error"]
+        assert message in error, error
+        assert "&#" not in error and "&amp;" not in error and "&lt;" not in error, error
+
+
+@needs_gradio
+def test_upload_limits(served):
+    """An upload over --max-upload-mb is refused before it is stored; only the newest --keep-uploads stay."""
+    before = set(served.files())
+    limit = MAX_UPLOAD_MB * (1 << 20)
+    # Refused from its declared length, before a byte of it is read: only the headers are sent.
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + f"Content-Length: {100 * limit}\r\n\r\n".encode()
+        )
+        reply = conn.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert f"The upload is 100.0 MB; this server takes at most {MAX_UPLOAD_MB} MB." in reply, reply
+    status, body = _upload(served.url, "over.png", b"\0" * (limit + 1))  # within the request's slack: Gradio's check
+    assert status == 413, (status, body)
+    assert set(served.files()) == before, "a refused upload was stored"
+
+    paths = []
+    for i in range(KEEP_UPLOADS + 3):  # distinct contents: Gradio stores each in a folder named by its hash
+        status, body = _upload(served.url, f"u{i}.png", _png_bytes(8, (i, 0, 0)))
+        assert status == 200, body
+        paths.append(json.loads(body)[0])
+        time.sleep(0.02)  # distinct modification times
+    stored = {p for p in paths if Path(p).is_file()}
+    assert len(stored) == KEEP_UPLOADS
+    assert set(paths[-KEEP_UPLOADS:]) <= stored, "a recent upload was deleted"
+    assert not set(paths[:3]) & stored, "the oldest uploads were kept"
+    assert not any(Path(p).parent.exists() for p in paths[:3]), "empty upload folders were left behind"
+
+    # An edit of a deleted upload says so (and does not crash the request).
+    stream = _api_edit(served.url, _file(paths[0]))
+    assert "event: error" in stream and "no longer on this server" in stream, stream
+    with urllib.request.urlopen(served.url + "/", timeout=10) as r:
+        assert r.status == 200
+
+
+@needs_gradio
+def test_sigterm_removes_the_temporary_folder(model, tmp_path):
+    """SIGTERM (systemd, docker stop) with an upload in flight: the server stops and its folder is gone."""
+    s = _start_server(model, tmp_path)
+    try:
+        _wait_until_up(s)
+        workdir = s.workdir()
+        assert workdir is not None and workdir.is_dir()
+        status, body = _upload(s.url, "done.png", _png_bytes(16, (1, 2, 3)))
+        assert status == 200 and Path(json.loads(body)[0]).is_file() and workdir in Path(json.loads(body)[0]).parents
+
+        # An upload in flight: the headers and half the body sent, the rest never.
+        host, port = s.url.removeprefix("http://").split(":")
+        part = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slow.png\"\r\n\r\n"
+        conn = socket.create_connection((host, int(port)))
+        conn.sendall(
+            b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 500000\r\n\r\n" + part + b"\0" * 200_000
+        )
+        time.sleep(1)
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = s.proc.wait(30)
+        stopped_in = time.monotonic() - t0
+        conn.close()
+    finally:
+        _stop(s)
+    log = s.log.read_text()
+    assert not workdir.exists(), f"the server left {workdir} behind:\n{log[-2000:]}"
+    assert list(s.tmp.glob("fireflow-web-*")) == []
+    assert "stopped by SIGTERM" in log and rc == 0, (rc, log[-2000:])
+    assert stopped_in < 20
+
+
+def test_busy_port_is_reported_before_the_model_loads(tmp_path):
+    """A taken port is one line, exit status 2, before any model is loaded (a missing one here)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "fireflow", "serve", "--port", str(port), "--model", str(tmp_path / "no-model")],
+            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        )  # fmt: skip
+        seconds = time.monotonic() - t0
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        f"fireflow serve: error: cannot listen on 127.0.0.1:{port}: the port is taken or the address is not this "
+        "machine's; choose another --port or --host"
+    ], out.stderr
+    assert seconds < 30
+
+
+def test_prune_uploads(tmp_path):
+    """Oldest first, down to the count and the bytes; the newest is kept even alone over the bytes."""
+    from fireflow.web import prune_uploads
+
+    paths = []
+    for i, size in enumerate([10, 10, 10, 10, 50]):  # the last is the newest
+        folder = tmp_path / f"h{i}"
+        folder.mkdir()
+        f = folder / "x.png"
+        f.write_bytes(b"\0" * size)
+        os.utime(f, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
+        paths.append(str(f))
+    uploads = set(paths) | {str(tmp_path / "gone" / "x.png")}
+    assert prune_uploads(uploads, keep=3, space=1000) == [paths[1], paths[0]]
+    assert uploads == set(paths[2:]) and not (tmp_path / "h0").exists()
+    assert sorted(prune_uploads(uploads, keep=3, space=60)) == [paths[2]]  # 50 + 10 fit, a third 10 does not
+    assert prune_uploads(uploads, keep=1, space=40) == [paths[3]]  # the newest stays though it alone is 50
+    assert uploads == {paths[4]}
 
 
 @needs_gradio
