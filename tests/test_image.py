@@ -173,3 +173,11 @@ def test_truncated_file_is_one_line(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ImageError, match="not a readable image"):
         load_image(path)
+
+
+def test_real_photos(boy_jpg, horse_jpg):
+    """The committed photos (tests/data) load as the camera JPEGs they are."""
+    for path in (boy_jpg, horse_jpg):
+        im = load_image(path)
+        assert im.mode == "RGB" and im.size == (1360, 768)
+        assert np.asarray(im).std() > 20  # a photograph, not a flat picture
