@@ -32,8 +32,10 @@ if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
     import gradio as gr
 
     from fireflow.editor import FireFlowEditor
+    from fireflow.settings import EditSettings
 
-#: Upper bound on steps per pass accepted from the page, so one request cannot hold the queue for hours.
+#: Upper bound on steps per pass accepted from the page (fireflow.settings allows more), so one request
+#: cannot hold the queue for hours.
 MAX_STEPS = 100
 MB = 1 << 20
 #: Largest upload accepted, in MiB: a 4096x4096 photo is 5-15 MB as JPEG, up to ~40 MB as PNG.
@@ -330,8 +332,8 @@ def build_app(
     """
     import gradio as gr
 
-    from fireflow import solvers
     from fireflow.features import STRATEGIES
+    from fireflow.settings import KNOBS, EditSettings, describe_blocks
 
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fireflow-web-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +344,22 @@ def build_app(
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
     has_guidance = editor.adapter.guidance_kind != "none"
     guidance_info = "while editing" if has_guidance else "unused by this model"
+    defaults = editor.resolve(EditSettings())  # this model's values of the knobs the table leaves to it
+
+    def knob(name: str, elem_id: str, info: str | None = None) -> Any:
+        """The control of one knob of fireflow.settings.KNOBS: its label, its default for this model."""
+        k = KNOBS[name]
+        value = getattr(defaults, name) if k.default is None else k.default
+        if name == "strategy":  # any space-separated mix may be typed; fireflow.settings checks it
+            return gr.Dropdown(
+                [*STRATEGIES, "replace_v add_k"], value=value, label=k.label, allow_custom_value=True, elem_id=elem_id
+            )
+        if k.choices:
+            return gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id)
+        if isinstance(value, str):
+            return gr.Textbox(value, label=k.label, elem_id=elem_id, info=info)
+        # No precision: a step count of 2.5 must reach the check and be refused, not be rounded to 2.
+        return gr.Number(value, label=k.label, min_width=90, elem_id=elem_id, info=info)
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
         gr.Markdown(
@@ -357,36 +375,16 @@ def build_app(
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
-                    steps = gr.Number(8, label="Steps", min_width=90, precision=0, elem_id="steps", info="per pass")
-                    inject = gr.Number(
-                        1, label="Inject", min_width=90, precision=0, elem_id="inject", info="steps reusing V"
-                    )
-                    guidance = gr.Number(
-                        editor.adapter.defaults.get("guidance", 2.0),
-                        label="Guidance",
-                        min_width=90,
-                        elem_id="guidance",
-                        info=guidance_info,
-                    )
+                    steps = knob("num_steps", "steps", "per pass")
+                    inject = knob("inject", "inject", "steps reusing V")
+                    guidance = knob("guidance", "guidance", guidance_info)
                 with gr.Row():
-                    solver = gr.Dropdown(list(solvers.SOLVERS), value="fireflow", label="Solver", elem_id="solver")
-                    strategy = gr.Dropdown(
-                        [*STRATEGIES, "replace_v add_k"],
-                        value="replace_v",
-                        label="Strategy",
-                        allow_custom_value=True,  # any space-separated mix; the editor checks it
-                        elem_id="strategy",
-                    )
-                    blocks = gr.Textbox(
-                        "default", label="Blocks", elem_id="blocks", info="default, all, 20-37, single:all,double:0-3"
-                    )
+                    solver = knob("solver", "solver")
+                    strategy = knob("strategy", "strategy")
+                    blocks = knob("blocks", "blocks", f"default ({describe_blocks(defaults.blocks)}), all, 0-3, 0,5,9")
                 with gr.Accordion("More", open=False, elem_id="more"):
-                    inversion_guidance = gr.Number(
-                        1.0,
-                        label="Inversion guidance",
-                        elem_id="inversion-guidance",
-                        info="paper: 1" if has_guidance else "unused by this model",
-                    )
+                    inv_info = "paper: 1" if has_guidance else "unused by this model"
+                    inversion_guidance = knob("inversion_guidance", "inversion-guidance", inv_info)
                 recon = gr.Checkbox(False, label="Show reconstruction (source prompt, no injection)", elem_id="recon")
                 run = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column(scale=3):
@@ -494,6 +492,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
     import gradio as gr
 
     from fireflow.image import ImageError, ImageTooLarge, load_image
+    from fireflow.settings import SettingError
 
     def run(
         image: str | Unreadable | None,
@@ -524,27 +523,27 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             raise EditError("The source prompt is empty: describe what the image shows.")
         if not (target or "").strip():
             raise EditError("The target prompt is empty: describe what the edit should show.")
-        n = _whole(steps, "Steps")
-        if not 1 <= n <= MAX_STEPS:
-            raise EditError(f"Steps must be between 1 and {MAX_STEPS}, got {n}.")
-        k = _whole(inject, "Inject")
-        g = _finite(guidance, "Guidance")
-        g_inv = _finite(inversion_guidance, "Inversion guidance")
+        settings = check_knobs(
+            editor,
+            num_steps=steps,
+            inject=inject,
+            guidance=guidance,
+            inversion_guidance=inversion_guidance,
+            solver=solver,
+            strategy=strategy,
+            blocks=blocks,
+        )
         try:
             out = editor.edit(
                 pil,
                 source.strip(),
                 target.strip(),
-                num_steps=n,
-                inject=k,
-                guidance=g,
-                inversion_guidance=g_inv,
-                solver=solver,
-                strategy=strategy,
-                blocks=blocks,
+                **settings.as_kwargs(),
                 reconstruction=bool(reconstruction),
                 max_pixels=max_pixels,
             )
+        except SettingError as e:
+            raise EditError(e.worded("label")) from None
         except ValueError as e:  # the editor's messages name the bad value and what is accepted
             raise EditError(str(e)) from None
         path = _save_result(out.image, workdir)
@@ -583,17 +582,30 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         except EditError as e:  # plain text: an API client gets the message as written, no HTML entities
             raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
 
-    def _whole(value: float | None, name: str) -> int:
-        if value is None or not math.isfinite(value) or value != int(value):
-            raise EditError(f"{name} must be a whole number, got {value!r}.")
-        return int(value)
-
-    def _finite(value: float | None, name: str) -> float:
-        if value is None or not math.isfinite(value):
-            raise EditError(f"{name} must be a number, got {value!r}.")
-        return float(value)
-
     return page, api
+
+
+def check_knobs(editor: FireFlowEditor, **values: Any) -> EditSettings:
+    """The page's knob values (by API name) as checked settings for ``editor``'s model, or an
+    :class:`EditError` naming the page's label. fireflow.settings does the checking, against this
+    model's blocks too, before anything is expanded or run; the page adds that no field may be left
+    empty (an empty field is not "the default" here) and this server's bound on Steps."""
+    from fireflow.settings import KNOBS, EditSettings, SettingError
+
+    for name, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip() and name != "blocks"):
+            raise EditError(f"{KNOBS[name].label} is empty: enter a value.")
+    n = values["num_steps"]
+    if isinstance(n, (int, float)) and not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_STEPS):
+        shown = int(n) if math.isfinite(n) and n == int(n) else n
+        label = KNOBS["num_steps"].label
+        raise EditError(f"{label} must be a whole number between 1 and {MAX_STEPS} on this server, got {shown}.")
+    settings = EditSettings.from_values(values, ignore_none=False)
+    try:
+        editor.resolve(settings)
+        return settings.check()
+    except SettingError as e:
+        raise EditError(e.worded("label")) from None
 
 
 def describe(settings: dict) -> str:

@@ -321,7 +321,7 @@ def test_edit_in_the_browser(open_page, editor, photo, tmp_path):
     """Defaults as in the paper; one edit shows source, edit, NFE and time, and downloads as PNG."""
     p = open_page()
     page = p.page
-    for elem_id, value in (("steps", "8"), ("inject", "1"), ("guidance", "2"), ("blocks", "all")):
+    for elem_id, value in (("steps", "8"), ("inject", "1"), ("guidance", "2"), ("blocks", "default")):
         assert page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value() == value, elem_id
     assert page.locator("#solver input").input_value() == "fireflow"
     assert page.locator("#strategy input").input_value() == "replace_v"
@@ -378,7 +378,7 @@ def test_reconstruction_and_knobs(open_page, editor, photo):
     )  # fmt: skip
     assert ref.nfe == 3 * 2 * 4  # midpoint: 2 calls a step; inversion, edit and reconstruction
     assert _nfe(info) == ref.nfe
-    assert "midpoint, 4 steps, inject 2, add_v in blocks 1, guidance 3.5" in info
+    assert "midpoint, 4 steps, inject 2, add_v in blocks single 1, guidance 3.5" in info
     _assert_same(p.image("out-edit"), ref.image, "edit")
     assert p.page.locator("#out-recon").is_visible()
     _assert_same(p.image("out-recon"), ref.reconstruction, "reconstruction")
@@ -455,14 +455,14 @@ def test_validation_messages(open_page, photo, tmp_path):
     p.edit_expecting_error("The target prompt is empty")
     p.fill("target", "a yellow circle")
 
-    defaults = {"steps": 8, "inject": 1, "blocks": "all", "strategy": "replace_v"}
-    for changes, message in (
-        ({"steps": 0}, "Steps must be between 1 and 100, got 0"),
-        ({"steps": ""}, "Steps must be a whole number"),
-        ({"steps": 2, "inject": 5}, "inject must be between 0 and num_steps=2, got 5"),
-        ({"blocks": "abc"}, "bad block spec 'abc'"),  # quotes as typed: no HTML entities on the page
-        ({"blocks": "0-99"}, "out of range; this model has single blocks"),
-        ({"strategy": "swap_v"}, "unknown strategy 'swap_v'"),
+    defaults = {"steps": 8, "inject": 1, "blocks": "default", "strategy": "replace_v"}
+    for changes, message in (  # the page's labels, not the API's names
+        ({"steps": 0}, "Steps must be a whole number between 1 and 100 on this server, got 0"),
+        ({"steps": ""}, "Steps is empty"),
+        ({"steps": 2, "inject": 5}, "Injected steps must be between 0 and the step count 2, got 5"),
+        ({"blocks": "abc"}, "Blocks 'abc': bad item 'abc'"),  # quotes as typed: no HTML entities on the page
+        ({"blocks": "0-99"}, "Blocks: single block 0-99 out of range; this model has single blocks 0.."),
+        ({"strategy": "swap_v"}, "Strategy: unknown strategy 'swap_v'"),
     ):
         for elem_id, value in changes.items():
             p.fill(elem_id, value)
@@ -491,18 +491,84 @@ def test_error_clears_the_previous_result(open_page, editor, photo):
     assert page.locator("#download").is_enabled()
 
     p.fill("blocks", "abc")
-    p.edit_expecting_error("bad block spec 'abc'")
+    p.edit_expecting_error("Blocks 'abc': bad item 'abc'")
     for elem_id in ("out-edit", "out-source"):
         assert page.locator(f"#{elem_id} img").count() == 0, f"{elem_id} still shows the previous edit"
     assert not page.locator("#download").is_enabled(), "the download still offers the previous edit"
     time.sleep(11)  # longer than a toast lives: the message must still be there
-    assert "bad block spec 'abc'" in p.error("bad block spec")
+    assert "Blocks 'abc': bad item 'abc'" in p.error("bad item")
 
-    p.fill("blocks", "all")
+    p.fill("blocks", "default")
     info = p.edit()
     assert "Cannot edit" not in info and _nfe(info) == 18
     _assert_same(p.image("out-edit"), editor.edit(photo, "a red circle", "a yellow circle").image, "edit")
     assert page.locator("#download").is_enabled()
+
+
+#: Values that used to be accepted silently (or froze the server), and the page's message for each.
+HOSTILE_KNOBS = (
+    ({"guidance": -5}, "Guidance must be a finite number between 0 and 100, got -5"),
+    ({"guidance": "1e308"}, "Guidance must be a finite number between 0 and 100, got 1e+308"),
+    ({"inversion-guidance": -1e6}, "Inversion guidance must be a finite number between 0 and 100, got -1000000"),
+    ({"steps": 2.5}, "Steps must be a whole number between 1 and 100 on this server, got 2.5"),
+    ({"blocks": ""}, "Blocks is empty"),
+    ({"strategy": "replace_v replace_v"}, "repeats V; give each of Q, K, V at most once"),
+    ({"blocks": "0-100000000"}, "Blocks: single block 0-100000000 out of range; this model has single blocks 0.."),
+)
+
+
+def _get_root_seconds(server: str) -> float:
+    t0 = time.monotonic()
+    with urllib.request.urlopen(server + "/", timeout=10) as r:
+        assert r.status == 200
+    return time.monotonic() - t0
+
+
+@needs_browser
+def test_hostile_knobs_are_refused_in_the_page(open_page, server, photo):
+    """Each value is refused with the page's message, nothing runs, and the server keeps answering."""
+    p = open_page()
+    page = p.page
+    p.upload(photo)
+    p.fill("source", "a red circle")
+    p.fill("target", "a yellow circle")
+    page.locator("#more").get_by_text("More").click()  # the accordion with Inversion guidance
+    defaults = {"guidance": 2, "inversion-guidance": 1, "steps": 8, "blocks": "default", "strategy": "replace_v"}
+    for changes, message in HOSTILE_KNOBS:
+        for elem_id, value in changes.items():
+            p.fill(elem_id, value)
+        if "strategy" in changes:
+            page.locator("#strategy input").press("Enter")  # a custom value is taken on Enter
+        t0 = time.monotonic()
+        p.edit_expecting_error(message)
+        assert time.monotonic() - t0 < 15, f"{changes}: the refusal took {time.monotonic() - t0:.1f} s"
+        assert _get_root_seconds(server) < 2
+        for elem_id in changes:
+            p.fill(elem_id, defaults[elem_id])
+    assert page.locator("#out-edit img").count() == 0
+    assert p.edit() and page.locator("#out-edit img").count() == 1  # and a good edit still runs
+
+
+@needs_gradio
+def test_hostile_knobs_are_refused_by_the_api(server):
+    """The same values through the API: an error event each, fast, while GET / keeps answering."""
+    import concurrent.futures
+
+    status, body = _upload(server, "k.png", _png_bytes(40, (30, 200, 30)))
+    image = _file(json.loads(body)[0])
+    order = ["steps", "inject", "guidance", "solver", "strategy", "blocks", "inversion-guidance"]
+    base = dict(zip(order, [8, 1, 2, "fireflow", "replace_v", "default", 1]))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for changes, message in HOSTILE_KNOBS:
+            knobs = {**base, **{k: float(v) if k == "guidance" else v for k, v in changes.items()}}
+            t0 = time.monotonic()
+            call = pool.submit(_api_edit, server, image, "a red circle", "a yellow circle", *knobs.values())
+            assert _get_root_seconds(server) < 2  # while the request is in the server
+            stream = call.result(timeout=60)
+            assert time.monotonic() - t0 < 15, changes
+            assert "event: error" in stream and "event: complete" not in stream, stream
+            error = json.loads(stream.split("data:", 1)[1].strip())["error"]
+            assert message in error, (changes, error)
 
 
 # ---- the API, uploads, signals, the port ----------------------------------------------------------
@@ -556,7 +622,7 @@ def test_api_errors_are_plain_text(server):
     for knobs, message in (
         (("a red circle", "a yellow circle", 8, 1, 2, "fireflow", "swap_v"), "unknown strategy 'swap_v'"),
         (("a red circle", "a <b>bold</b> & 'quoted' target", 8, 1, 2, "fireflow", "replace_v", "x&y"),
-         "bad block spec 'x&y'"),
+         "Blocks 'x&y': bad item 'x&y'"),
         (("", "a yellow circle"), "The source prompt is empty"),
     ):  # fmt: skip
         stream = _api_edit(server, _file(path), *knobs)
