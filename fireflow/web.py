@@ -45,6 +45,8 @@ KEEP_UPLOADS = 64
 UPLOAD_SPACE_MB = 1024
 #: Room for the multipart headers around one upload, and for the JSON of an edit request.
 REQUEST_OVERHEAD = 64 * 1024
+#: Seconds requests in flight get to finish when the server is stopped by a signal.
+SHUTDOWN_GRACE_S = 1.0
 #: Result files older than this are deleted from the app's folder on the next request.
 KEEP_RESULTS_S = 3600
 
@@ -151,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # Threads still finishing an edit at exit may write once more: delete again at the very end.
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     stopped: list[int] = []
-    restore = _stop_on_signals(stopped)
+    apps: list[Any] = []
+    restore = _stop_on_signals(stopped, apps)
     try:
         import gradio  # noqa: F401
 
@@ -161,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(note, file=sys.stderr)
         app = build_app(editor, max_pixels=args.max_pixels, concurrency=args.concurrency, workdir=workdir / "results")
         app.queue(max_size=args.queue_size)
+        apps.append(app)
         print(f"fireflow serve: {editor.model_name} model on http://{args.host}:{args.port}", file=sys.stderr)
         try:
             launch(app, host=args.host, port=args.port, limits=limits)
@@ -171,17 +175,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     if stopped:
         print(f"fireflow serve: stopped by {signal.Signals(stopped[0]).name}; removed {workdir}", file=sys.stderr)
+        # Everything of ours is cleaned up. The interpreter's own teardown of torch and Gradio takes
+        # seconds on a busy machine, and `docker stop` sends SIGKILL 10 s after SIGTERM: skip it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
-def _stop_on_signals(stopped: list[int]):
+def _stop_on_signals(stopped: list[int], apps: list[Any]):
     """Turn SIGTERM (systemd, docker stop, kill) into what Ctrl-C does: Gradio closes the server and
-    the ``finally`` of :func:`cmd_serve` runs. Returns a function restoring the previous handlers."""
+    the ``finally`` of :func:`cmd_serve` runs. Requests still in flight (a slow upload) get
+    :data:`SHUTDOWN_GRACE_S` to finish. Returns a function restoring the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def on_signal(signum: int, frame: Any) -> None:
         if not stopped:
             stopped.append(signum)
+            for app in apps:  # uvicorn would otherwise wait on open requests until Gradio's 5 s join gives up
+                server = getattr(app, "server", None)
+                if server is not None and hasattr(server, "config"):
+                    server.config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
             raise KeyboardInterrupt  # Gradio's main-thread loop closes the server on it
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

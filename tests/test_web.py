@@ -671,8 +671,10 @@ def test_upload_limits(served):
 
 
 @needs_gradio
-def test_sigterm_removes_the_temporary_folder(model, tmp_path):
-    """SIGTERM (systemd, docker stop) with an upload in flight: the server stops and its folder is gone."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_removes_the_temporary_folder(model, tmp_path, sig):
+    """SIGTERM (systemd, docker stop, kill) or SIGINT (Ctrl-C) with an upload in flight: the server
+    stops and its temporary folder, uploads included, is gone."""
     s = _start_server(model, tmp_path)
     try:
         _wait_until_up(s)
@@ -690,7 +692,7 @@ def test_sigterm_removes_the_temporary_folder(model, tmp_path):
             b"Content-Length: 500000\r\n\r\n" + part + b"\0" * 200_000
         )
         time.sleep(1)
-        s.proc.send_signal(signal.SIGTERM)
+        s.proc.send_signal(sig)
         t0 = time.monotonic()
         rc = s.proc.wait(30)
         stopped_in = time.monotonic() - t0
@@ -700,8 +702,8 @@ def test_sigterm_removes_the_temporary_folder(model, tmp_path):
     log = s.log.read_text()
     assert not workdir.exists(), f"the server left {workdir} behind:\n{log[-2000:]}"
     assert list(s.tmp.glob("fireflow-web-*")) == []
-    assert "stopped by SIGTERM" in log and rc == 0, (rc, log[-2000:])
-    assert stopped_in < 20
+    assert f"stopped by {sig.name}" in log and rc == 0, (rc, log[-2000:])
+    assert stopped_in < 8, f"stopping took {stopped_in:.1f} s"  # docker stop escalates to SIGKILL after 10 s
 
 
 def test_busy_port_is_reported_before_the_model_loads(tmp_path):
