@@ -632,6 +632,35 @@ def test_api_errors_are_plain_text(server):
         assert "&#" not in error and "&amp;" not in error and "&lt;" not in error, error
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height``, with a few bytes of data: a forged huge image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@needs_gradio
+@pytest.mark.parametrize("width,height", [(12000, 10000), (20000, 20000)])  # under / over Pillow's bomb limit
+def test_huge_images_are_refused_from_the_header(server, width, height):
+    """A forged header is refused at once with the size it claims, before any decoding; the server keeps serving."""
+    status, body = _upload(server, "huge.png", _png_claiming(width, height))
+    assert status == 200, body
+    t0 = time.monotonic()
+    stream = _api_edit(server, _file(json.loads(body)[0]))
+    assert time.monotonic() - t0 < 10
+    error = json.loads(stream.split("data:", 1)[1].strip())["error"]
+    assert error == (
+        f"The image is {width}x{height} = {width * height} pixels, more than this server's limit of {MAX_PIXELS}; "
+        "use a smaller image"
+    ), error
+    assert _get_root_seconds(server) < 2
+
+
 @needs_gradio
 def test_upload_limits(served):
     """An upload over --max-upload-mb is refused before it is stored; only the newest --keep-uploads stay."""
