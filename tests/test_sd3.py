@@ -132,7 +132,7 @@ def test_joint_sequence_is_image_then_text(pipe, editor, inputs):
 
 
 def test_defaults_inject_in_the_documented_calls(editor, inputs):
-    out = editor._edit_latents(inputs["latents"], None, None, None, False, False, None, **_strip(inputs))
+    out = editor.edit_latents(inputs["latents"], return_dict=True, **_strip(inputs))
     n = editor.transformer.config.num_layers
     # V in every joint block but the context_pre_only last one, at the first denoising midpoint.
     assert out.injections == [(0, "midpoint", ("joint", i)) for i in range(n - 1)]
@@ -159,9 +159,7 @@ def test_injection_changes_the_output_in_each_block_kind(pipe, editor, inputs):
     last = pipe.transformer.config.num_layers - 1
     specs = [f"joint:{last}", "joint:0"] + (["attn2:0"] if pipe.transformer.config.dual_attention_layers else [])
     for spec in specs:
-        out = editor._edit_latents(
-            inputs["latents"], None, None, None, False, False, None, num_steps=4, blocks=spec, **_strip(inputs)
-        )
+        out = editor.edit_latents(inputs["latents"], return_dict=True, num_steps=4, blocks=spec, **_strip(inputs))
         kind, i = spec.split(":")
         assert {b for *_, b in out.injections} == {(kind, int(i))}
         assert (out.latents - base).abs().max() > 1e-4, spec  # the context_pre_only block too
@@ -177,10 +175,8 @@ def test_cfg_halves_get_the_source_features():
 
 
 def test_guided_inversion_and_unguided_edit_run(editor, inputs):
-    out = editor._edit_latents(
-        inputs["latents"], None, None, None, False, False, None,
-        num_steps=3, inversion_guidance=3.0, guidance=1.0, **_strip(inputs),
-    )  # fmt: skip
+    kw = dict(num_steps=3, inversion_guidance=3.0, guidance=1.0)
+    out = editor.edit_latents(inputs["latents"], return_dict=True, **kw, **_strip(inputs))
     assert out.transformer_rows == 2 * 4 + 4 and len(out.injections) == editor.transformer.config.num_layers - 1
 
 
