@@ -89,7 +89,7 @@ class FireFlowScheduler(FlowMatchEulerDiscreteScheduler):
         stochastic_sampling: bool = False,
     ):
         if stochastic_sampling:
-            raise ValueError("FireFlowScheduler is a deterministic ODE solver: stochastic_sampling=True is not supported")
+            raise ValueError("FireFlowScheduler is a deterministic ODE solver: stochastic_sampling=True is unsupported")
         if invert_sigmas:
             raise ValueError("FireFlowScheduler does not support invert_sigmas=True (Mochi's reversed schedule)")
         super().__init__(

@@ -94,7 +94,9 @@ def sd3():
         out_channels=4,
         pos_embed_max_size=32,
     ).eval()
-    none = dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"])
+    none = dict.fromkeys(
+        ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    )
     scheduler = FireFlowScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, **none)
 
@@ -129,7 +131,9 @@ def flux2():
 @pytest.fixture(scope="module")
 def klein():
     torch.manual_seed(1)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4
+    )
     vae.bn.running_mean.normal_()
     vae.bn.running_var.uniform_(0.5, 2.0)
     kw = dict(vae=vae.eval(), text_encoder=None, tokenizer=None, transformer=_flux2_transformer(False))
@@ -159,7 +163,9 @@ def _velocity(pipe, embeds: dict, guidance: float, latent_ids=None):
 
         def v(x, t):
             xx = torch.cat([x, x])
-            out = tr(hidden_states=xx, timestep=full(xx, t * 1000), encoder_hidden_states=emb, pooled_projections=pooled)
+            out = tr(
+                hidden_states=xx, timestep=full(xx, t * 1000), encoder_hidden_states=emb, pooled_projections=pooled
+            )
             uncond, cond = out.sample.chunk(2)
             return uncond + guidance * (cond - uncond)
 
@@ -258,7 +264,13 @@ def test_sd3_pipeline_equals_fireflow_sampling(sd3):
     bars = quiet(sd3)
     with counted(sd3.transformer) as calls:
         out = sd3(
-            **embeds, latents=noise, height=SIDE, width=SIDE, num_inference_steps=n, guidance_scale=g, output_type="latent"
+            **embeds,
+            latents=noise,
+            height=SIDE,
+            width=SIDE,
+            num_inference_steps=n,
+            guidance_scale=g,
+            output_type="latent",
         ).images
     assert calls[0] == n + 1  # one batched [negative, positive] forward per call
     assert bars[-1].n == bars[-1].total == n  # SD3 counts steps: the first call is its "warm-up"
@@ -274,9 +286,14 @@ def test_flux2_dev_pipeline_equals_fireflow_sampling(flux2):
     quiet(flux2)
     with counted(flux2.transformer) as calls:
         out = flux2(
-            prompt_embeds=emb, latents=noise, height=SIDE, width=SIDE, num_inference_steps=n, guidance_scale=g,
+            prompt_embeds=emb,
+            latents=noise,
+            height=SIDE,
+            width=SIDE,
+            num_inference_steps=n,
+            guidance_scale=g,
             output_type="latent",
-        ).images  # fmt: skip
+        ).images
     assert calls[0] == n + 1
     packed, ids = flux2._pack_latents(noise), flux2._prepare_latent_ids(noise)
     mu = compute_empirical_mu(packed.shape[1], n)
@@ -299,9 +316,15 @@ def test_flux2_klein_base_pipeline_equals_fireflow_sampling(klein):
     bars = quiet(klein)
     with counted(klein.transformer) as calls:
         klein(
-            **embeds, latents=noise, height=SIDE, width=SIDE, num_inference_steps=n, guidance_scale=g,
-            output_type="latent", callback_on_step_end=keep,
-        )  # fmt: skip
+            **embeds,
+            latents=noise,
+            height=SIDE,
+            width=SIDE,
+            num_inference_steps=n,
+            guidance_scale=g,
+            output_type="latent",
+            callback_on_step_end=keep,
+        )
     assert calls[0] == 2 * (n + 1)  # true CFG: two forwards per call
     assert sorted(final) == list(range(n + 1)) and bars[-1].n == bars[-1].total == n + 1
     packed, ids = klein._pack_latents(noise), klein._prepare_latent_ids(noise)
