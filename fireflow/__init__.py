@@ -11,6 +11,15 @@ __all__ = [
     "FireFlowAttnProcessor",
     "FireFlowEditor",
     "FireFlowOutput",
+    "FireFlowScheduler",
     "VelocityCall",
     "sample",
 ]
+
+
+def __getattr__(name: str):  # FireFlowScheduler on first use: importing diffusers' schedulers costs ~1 s
+    if name == "FireFlowScheduler":
+        from fireflow.scheduler import FireFlowScheduler
+
+        return FireFlowScheduler
+    raise AttributeError(f"module 'fireflow' has no attribute {name!r}")
