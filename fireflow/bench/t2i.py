@@ -34,7 +34,7 @@ from fireflow.solvers import nfe
 
 STEPS = (5, 10, 20)
 REFERENCE = ("fireflow", 256)
-PROMPTS = 48
+PROMPTS = 32
 SIDE = 32
 
 
