@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
-from fireflow import solvers
+from fireflow import settings as knobs
 from fireflow._io import atomic_write
-from fireflow.features import STRATEGIES, parse_strategy
 from fireflow.image import MAX_PIXELS, ImageError, load_image, save_image_atomic
+from fireflow.settings import EditSettings, SettingError
 
 #: Front ends living in other modules; each has ``add_parser(subparsers)`` registering ``func``.
 EXTRA_COMMANDS = ("fireflow.bench.cli", "fireflow.web")
@@ -31,18 +32,14 @@ def _size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def _ratios(text: str) -> tuple[float, float, float]:
-    try:
-        q, k, v = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad ratios {text!r}; accepted: three numbers Q,K,V like 1,1,1") from None
-    return q, k, v
-
-
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the model comes from and where it runs; shared by every front end."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="demo", help="'demo' (bundled, default), a FLUX folder, or a Hub id in the cache")
+    g.add_argument(
+        "--model",
+        default="demo",
+        help="'demo' (bundled, default), a diffusers pipeline folder (see README: families), or a Hub id in the cache",
+    )
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if present)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     g.add_argument(
@@ -53,46 +50,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
-    """The method's knobs, defaulting to the paper's PIE-Bench setting (METHOD.md §5)."""
-    g = p.add_argument_group("editing (defaults: the paper's)")
-    g.add_argument("--steps", type=int, default=8, help="steps per pass (default 8: 18 NFE per edit)")
-    g.add_argument("--inject", type=int, default=1, help="denoising steps that reuse inversion features (default 1)")
-    g.add_argument("--guidance", type=float, default=2.0, help="FLUX guidance while editing (default 2)")
-    g.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance while inverting (default 1)")
-    g.add_argument("--solver", default="fireflow", choices=list(solvers.SOLVERS), help="default fireflow")
-    g.add_argument("--strategy", default="replace_v", help=f"space-separated mix of {', '.join(STRATEGIES)}")
-    g.add_argument("--blocks", default="all", help="single-stream blocks to reuse in: all, 0-37, 20..37, 0,5,9")
-    g.add_argument("--double-blocks", default=None, help="double-stream blocks too (an extension; default none)")
-    g.add_argument("--ratios", type=_ratios, default=(1.0, 1.0, 1.0), help="scale of stored Q,K,V (default 1,1,1)")
-    g.add_argument("--feature-device", default=None, help="where stored features live (default: model device)")
+    """The method's knobs (fireflow.settings), defaulting to the paper's PIE-Bench setting."""
+    knobs.add_arguments(p)
 
 
-def check_edit_options(args: argparse.Namespace) -> None:
-    """Everything that can be checked before a model is loaded."""
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.inject <= args.steps:
-        raise UsageError(f"--inject must be between 0 and --steps={args.steps}, got {args.inject}")
-    parse_strategy(args.strategy)
-    from fireflow.editor import parse_blocks
-
-    parse_blocks(args.blocks)
-    parse_blocks(args.double_blocks)
+def check_edit_options(args: argparse.Namespace) -> EditSettings:
+    """Everything about the knobs that can be checked before a model is loaded."""
+    return knobs.settings_from_args(args)
 
 
-def edit_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        num_steps=args.steps,
-        inject=args.inject,
-        guidance=args.guidance,
-        inversion_guidance=args.inversion_guidance,
-        solver=args.solver,
-        strategy=args.strategy,
-        blocks=args.blocks,
-        double_blocks=args.double_blocks,
-        ratios=args.ratios,
-        feature_device=args.feature_device,
-    )
+def check_model_options(args: argparse.Namespace) -> None:
+    """The device exists here: said before any model loads."""
+    from fireflow.models import parse_device
+
+    try:
+        parse_device(args.device, what="--device")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -105,13 +79,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _output(path: str, suffixes: tuple[str, ...]) -> Path:
+def _output(path: str, suffixes: tuple[str, ...], flag: str = "-o") -> Path:
+    """An output path that can be written, checked before any work starts."""
     out = Path(path)
     if out.suffix.lower() not in suffixes:
-        raise UsageError(f"output {path!r} must end in one of {', '.join(suffixes)}")
-    if out.parent != Path("") and out.parent.exists() and not out.parent.is_dir():
-        raise UsageError(f"output folder {str(out.parent)!r} is not a folder")
+        raise UsageError(f"{flag} {path!r} must end in one of {', '.join(suffixes)}")
+    if out.is_dir():
+        raise UsageError(f"{flag} {path!r} is a folder; give a file name such as {out / ('out' + suffixes[0])}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: {str(parent)!r} is not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable")
     return out
+
+
+def _distinct(paths: list[tuple[str, Path]]) -> None:
+    seen: dict[Path, str] = {}
+    for flag, p in paths:
+        key = p.expanduser().resolve()
+        if key in seen:
+            raise UsageError(f"{flag} {str(p)!r} is the same file as {seen[key]}; give each output its own path")
+        seen[key] = flag
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -130,11 +119,6 @@ def load_editor(args: argparse.Namespace, device: str | None = None):
     editor = FireFlowEditor.from_pretrained(
         args.model, device=device or args.device, torch_dtype=args.dtype, offload=args.offload
     )
-    if editor.model_name == "demo" and editor.adapter.device.type == "cpu":
-        import torch
-
-        # The demo model's matrices are tiny: one thread beats several, and by 10x on a busy machine.
-        torch.set_num_threads(1)
     if args.compile or args.attention_backend:
         editor.adapter.optimize(compile=args.compile, attention_backend=args.attention_backend)
     return editor
@@ -148,38 +132,54 @@ def _report(what: str, out, paths: list[Path], image=None) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    check_edit_options(args)
+    settings = check_edit_options(args)
+    check_model_options(args)
     for t in args.target:
         if not t.strip():
             raise UsageError("target prompt is empty; give the text the edit should match with -t")
     if not args.source.strip():
         raise UsageError("source prompt is empty; describe the source image with -s")
+    if args.paste_pixels and not args.mask:
+        raise UsageError("--paste-pixels needs --mask: the pixels outside the mask are pasted")
     out_path = _output(args.output, IMAGE_SUFFIXES)
     outs = (
         [out_path]
         if len(args.target) == 1
         else [out_path.with_name(f"{out_path.stem}-{i}{out_path.suffix}") for i in range(len(args.target))]
     )
-    recon_path = _output(args.save_reconstruction, IMAGE_SUFFIXES) if args.save_reconstruction else None
+    recon_path = None
+    if args.save_reconstruction:
+        recon_path = _output(args.save_reconstruction, IMAGE_SUFFIXES, "--save-reconstruction")
+    named = [("-o", p) for p in outs] + ([("--save-reconstruction", recon_path)] if recon_path else [])
+    _distinct([("the input image", Path(args.image))] + ([("--mask", Path(args.mask))] if args.mask else []) + named)
     image = load_image(args.image, args.max_pixels)  # fail on a bad image before loading a model
+    if args.mask:
+        from fireflow.masks import load_mask
+
+        load_mask(args.mask, image.size)  # a bad mask fails before the model loads, too
     editor = load_editor(args)
+    editor.resolve(settings)  # blocks against this model, before any work
     out = editor.edit(
         image,
         args.source,
         args.target,
         resize=args.resize,
         max_pixels=args.max_pixels,
+        mask=args.mask,
+        paste_pixels=args.paste_pixels,
         reconstruction=recon_path is not None,
         progress=not args.quiet,
-        **edit_kwargs(args),
+        **settings.as_kwargs(),
     )
     for img, path in zip(out.images, outs, strict=True):
         save_image_atomic(img, path)
     if recon_path is not None:
         save_image_atomic(out.reconstruction, recon_path)
         outs.append(recon_path)
+    masked = ", masked" if args.mask else ""
     _report(
-        f"edit ({out.settings['solver']}, {args.steps} steps, {len(out.injections)} block calls injected)",
+        f"edit ({out.settings['solver']}, {out.settings['num_steps']} steps, "
+        f"{len(out.injections)} block calls injected{masked})",
         out,
         outs,
         image,
@@ -187,11 +187,13 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def _pass_kwargs(args: argparse.Namespace) -> dict:
-    """The options ``reconstruct`` and ``invert`` share."""
+    """The options ``reconstruct`` and ``invert`` share, checked before a model loads."""
+    s = EditSettings(num_steps=args.steps, inject=0, guidance=args.guidance, solver=args.solver).check()
+    check_model_options(args)
     return dict(
-        num_steps=args.steps,
-        guidance=args.guidance,
-        solver=args.solver,
+        num_steps=s.num_steps,
+        guidance=s.guidance,
+        solver=s.solver,
         resize=args.resize,
         max_pixels=args.max_pixels,
         progress=not args.quiet,
@@ -199,9 +201,11 @@ def _pass_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
+    kwargs = _pass_kwargs(args)
     out_path = _output(args.output, IMAGE_SUFFIXES)
+    _distinct([("the input image", Path(args.image)), ("-o", out_path)])
     image = load_image(args.image, args.max_pixels)
-    out = load_editor(args).reconstruct(image, args.prompt, **_pass_kwargs(args))
+    out = load_editor(args).reconstruct(image, args.prompt, **kwargs)
     save_image_atomic(out.image, out_path)
     _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
 
@@ -210,9 +214,10 @@ def cmd_invert(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import save
 
+    kwargs = _pass_kwargs(args)
     out_path = _output(args.output, (".safetensors",))
     image = load_image(args.image, args.max_pixels)
-    out = load_editor(args).invert(image, args.prompt, **_pass_kwargs(args))
+    out = load_editor(args).invert(image, args.prompt, **kwargs)
     meta = {k: str(v) for k, v in out.settings.items()}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     tensors = {"latents": out.latents.detach().to("cpu", torch.float32).contiguous()}
@@ -223,14 +228,28 @@ def cmd_invert(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
+    s = EditSettings(num_steps=args.steps, inject=0, guidance=args.guidance, solver=args.solver).check()
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of pixels, got {value}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    check_model_options(args)
     out_path = _output(args.output, IMAGE_SUFFIXES)
-    out = load_editor(args).generate(
+    editor = load_editor(args)
+    height = editor.adapter.default_size if args.height is None else args.height
+    width = editor.adapter.default_size if args.width is None else args.width
+    try:
+        editor.adapter.check_size(height, width)
+    except ValueError as e:
+        raise UsageError(str(e).replace("height ", "--height ", 1).replace("width ", "--width ", 1)) from None
+    out = editor.generate(
         args.prompt,
-        height=args.height,
-        width=args.width,
-        num_steps=args.steps,
-        guidance=args.guidance,
-        solver=args.solver,
+        height=height,
+        width=width,
+        num_steps=s.num_steps,
+        guidance=s.guidance,
+        solver=s.solver,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -248,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--target", required=True, action="append", help="target prompt (repeat for several)")
     p.add_argument("-o", "--output", default="edited.png", help="output image (several targets: NAME-0.png, ...)")
     p.add_argument("--save-reconstruction", metavar="PATH", help="also save the source prompt's reconstruction")
+    p.add_argument("--mask", metavar="FILE", help="edit only where this image is white (any size); keep the rest")
+    p.add_argument(
+        "--paste-pixels", action="store_true", help="with --mask: paste the source pixels outside it after decoding"
+    )
     add_edit_options(p)
     add_model_options(p)
     _add_run_options(p)
@@ -278,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    _add_solver_options(p, 3.5)
+    _add_solver_options(p, None)
     add_model_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_generate)
@@ -292,25 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_solver_options(p: argparse.ArgumentParser, guidance: float) -> None:
+def _add_solver_options(p: argparse.ArgumentParser, guidance: float | None) -> None:
+    k = knobs.KNOBS
     p.add_argument("--steps", type=int, default=8, help="steps (default 8)")
-    p.add_argument("--solver", default="fireflow", choices=list(solvers.SOLVERS), help="default fireflow")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"FLUX guidance (default {guidance:g})")
+    p.add_argument("--solver", default="fireflow", choices=k["solver"].choices, help=k["solver"].help)
+    shown = "the family's" if guidance is None else f"{guidance:g}"
+    p.add_argument("--guidance", type=float, default=guidance, help=f"guidance (default {shown})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fireflow.models.flux import ModelNotFoundError
+    from fireflow.models import ModelLoadError, ModelNotFoundError
 
     try:
         args.func(args)
-    except (UsageError, ImageError, ModelNotFoundError, ValueError) as e:
-        print(f"fireflow {args.command}: error: {e}", file=sys.stderr)
+    except SettingError as e:
+        print(f"fireflow {args.command}: error: {e.worded('flag')}", file=sys.stderr)
+        return 2
+    except (UsageError, ImageError, ModelNotFoundError, ModelLoadError, ValueError) as e:
+        print(f"fireflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fireflow {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

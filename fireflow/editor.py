@@ -2,82 +2,30 @@
 
 image -> latents -> inversion (source prompt, recording features) -> noise
       -> denoising (target prompt, injecting features) -> latents -> image
+
+Nothing here knows a model family: the adapter (``fireflow/models/<family>/``) supplies the
+latent layout, the conditioning, the time grid and the attention processors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from fireflow import solvers
-from fireflow.features import FeatureReuse, parse_strategy
+from fireflow.features import FeatureReuse
 from fireflow.image import MAX_PIXELS, ImageInput, load_image, to_pil, to_tensor
-from fireflow.models.base import Conditioning, ModelAdapter
-from fireflow.models.flux import grid_ids
-
-Blocks = str | Iterable[int] | None
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """The knobs of one edit, with the paper's defaults (METHOD.md §5)."""
-
-    num_steps: int = 8
-    inject: int = 1
-    guidance: float = 2.0
-    inversion_guidance: float = 1.0
-    solver: str = "fireflow"
-    strategy: str = "replace_v"
-    blocks: tuple[int, ...] | None = None  # single-stream blocks; None: all of them
-    double_blocks: tuple[int, ...] = ()  # double-stream blocks (an extension of the method)
-    ratios: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Q, K, V scale at record time
-
-    def validate(self, transformer: torch.nn.Module) -> EditSettings:
-        """Check every knob against the model; return the settings with ``blocks`` filled in."""
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
-        if not 0 <= self.inject <= self.num_steps:
-            raise ValueError(f"inject must be between 0 and num_steps={self.num_steps}, got {self.inject}")
-        solvers.check_solver(self.solver)
-        parse_strategy(self.strategy)
-        if len(self.ratios) != 3:
-            raise ValueError(f"ratios must be three numbers (Q, K, V), got {self.ratios!r}")
-        n_single = transformer.config.num_single_layers
-        blocks = tuple(range(n_single)) if self.blocks is None else self.blocks
-        _check_range(blocks, n_single, "single block")
-        _check_range(self.double_blocks, transformer.config.num_layers, "double block")
-        return dataclasses.replace(self, blocks=blocks)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def parse_blocks(spec: Blocks) -> tuple[int, ...] | None:
-    """``"0-37"``, ``"20..37"``, ``"0,5,9"``, ``"all"`` or ints -> block indices (None: all)."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return None
-    if not isinstance(spec, str):
-        return tuple(int(b) for b in spec)
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        lo, sep, hi = part.replace("..", "-").partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-        except ValueError:
-            raise ValueError(f"bad block spec {spec!r}; accepted: 'all', '0-37', '20..37', '0,5,9'") from None
-    return tuple(out)
-
-
-def _check_range(blocks: Sequence[int], n: int, what: str) -> None:
-    bad = [b for b in blocks if not 0 <= b < n]
-    if bad:
-        raise ValueError(f"{what} {bad[0]} out of range; this model has {what}s 0..{n - 1}")
+from fireflow.masks import MaskInput, load_mask
+from fireflow.masks import paste_pixels as paste_source_pixels
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter
+from fireflow.settings import EditSettings, ResolvedSettings, SettingError
 
 
 @dataclass
@@ -85,8 +33,8 @@ class FireFlowOutput:
     """What ``edit``, ``reconstruct``, ``generate`` and ``invert`` return."""
 
     images: list[Image.Image]  # one per target prompt (empty for ``invert``)
-    latents: torch.Tensor  # packed fp32 latents the images decode from (the noise for ``invert``)
-    nfe: int  # transformer calls made, inversion included
+    latents: torch.Tensor  # fp32 latents in the pipeline's layout (the noise for ``invert``)
+    nfe: int  # velocity evaluations, inversion included (what the paper counts)
     seconds: float
     settings: dict = field(default_factory=dict)
     source: Image.Image | None = None  # the source image as the model saw it (cropped or resized)
@@ -95,34 +43,32 @@ class FireFlowOutput:
     reconstruction_latents: torch.Tensor | None = None
     #: (denoising step, call kind, block) of every feature injection made, in order.
     injections: list[tuple[int, str, tuple[str, int]]] = field(default_factory=list)
+    #: Transformer forward calls, and batch rows through the transformer summed over them
+    #: (classifier-free guidance doubles the rows of every call; see the family's docs).
+    transformer_calls: int = 0
+    transformer_rows: int = 0
+    mask: np.ndarray | None = None  # the edit mask at image size (True = edited), when given
 
     @property
     def image(self) -> Image.Image:
         return self.images[0]
 
 
-class TransformerAdapter(ModelAdapter):
-    """A bare transformer with no VAE or text encoders: for the latent-level API only."""
+@dataclass
+class _Cost:
+    nfe: int = 0
+    calls: int = 0
+    rows: int = 0
 
-    name = "transformer"
-
-    def __init__(self, transformer: torch.nn.Module, vae_scale_factor: int = 8, shift: bool = True):
-        super().__init__(transformer)
-        self.multiple, self.shift = 2 * vae_scale_factor, shift
-
-    def image_ids(self, height: int, width: int) -> torch.Tensor:
-        return grid_ids(height // self.multiple, width // self.multiple)
-
-    def _missing(self, *_args, **_kwargs):
-        raise RuntimeError("this editor has only a transformer: use the *_latents methods with embeddings")
-
-    encode_prompt = encode_image = decode = prepare_image = _missing  # type: ignore[assignment]
+    def add(self, other: _Cost, times: int = 1) -> None:
+        self.nfe += other.nfe * times
+        self.calls += other.calls * times
+        self.rows += other.rows * times
 
 
 class FireFlowEditor:
-    """FireFlow inversion and editing over a model adapter (FLUX.1 through diffusers, or the demo).
+    """FireFlow inversion and editing over a model adapter (any family in ``fireflow.models``).
 
-    ``FireFlowEditor(transformer=...)`` gives the latent-level API alone (no VAE, no text encoders).
     The editor holds no per-edit state: every call creates and drops its own, so one editor can
     serve several threads.
     """
@@ -130,7 +76,12 @@ class FireFlowEditor:
     def __init__(self, adapter: ModelAdapter | None = None, *, transformer: torch.nn.Module | None = None):
         if (adapter is None) == (transformer is None):
             raise ValueError("pass exactly one of adapter= or transformer=")
-        self.adapter = adapter if adapter is not None else TransformerAdapter(transformer)
+        if adapter is None:
+            from fireflow.models.flux import FluxAdapter
+
+            # A bare transformer: the latent-level API only, with FLUX.1-dev's grid.
+            adapter = FluxAdapter(transformer)
+        self.adapter = adapter
 
     @classmethod
     def from_pretrained(
@@ -138,13 +89,20 @@ class FireFlowEditor:
         model: str | os.PathLike = "demo",
         *,
         device: str | torch.device | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
         offload: str | None = None,
     ) -> FireFlowEditor:
-        """``"demo"`` (the bundled model), a local diffusers FLUX folder, or a Hub id in the HF cache."""
+        """``"demo"`` (the bundled model), a local diffusers folder, or a Hub id in the HF cache."""
         from fireflow.models import load_adapter
 
         return cls(load_adapter(model, device=device, torch_dtype=torch_dtype, offload=offload))
+
+    @classmethod
+    def from_pipe(cls, pipe) -> FireFlowEditor:
+        """An editor over a diffusers pipeline object you already have (weights shared)."""
+        from fireflow.models import adapter_from_pipe
+
+        return cls(adapter_from_pipe(pipe))
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -154,7 +112,7 @@ class FireFlowEditor:
     def model_name(self) -> str:
         return self.adapter.name
 
-    # ---- latent-level API ----------------------------------------------------------------------
+    # ---- one pass of the ODE --------------------------------------------------------------------
     def _solve(
         self,
         latents: torch.Tensor,
@@ -165,153 +123,194 @@ class FireFlowEditor:
         hook: Callable | None = None,
         progress: bool | str = False,
         callback: solvers.StepCallback | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """One pass of the ODE; returns the end state and the transformer calls it made."""
-        calls = 0
+        state_hook: solvers.StateHook | None = None,
+    ) -> tuple[torch.Tensor, _Cost]:
+        cost = _Cost()
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            nonlocal calls
-            calls += 1
+            cost.nfe += 1
+            cost.calls += cond.forwards
+            cost.rows += x.shape[0] * cond.rows
             # Asked per call: the store hands itself to the processors only when this call uses it.
             kwargs = reuse.attention_kwargs if reuse is not None else None
             return self.adapter.velocity(x, t, cond, kwargs)
 
         x = solvers.sample(
-            velocity, latents.float(), timesteps, solver, call_hook=hook, callback=callback, progress=progress
+            velocity,
+            latents.float(),
+            timesteps,
+            solver,
+            call_hook=hook,
+            callback=callback,
+            state_hook=state_hook,
+            progress=progress,
         )
-        return x, calls
+        return x, cost
 
+    def _size(self, latents: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+        if height is None or width is None:
+            size = self.adapter.size_of(latents)
+            if size is None:
+                raise ValueError(f"{self.adapter.name} latents need height= and width= (pixels)")
+            height, width = size if height is None and width is None else (height or size[0], width or size[1])
+        self.adapter.check_latents(latents, height, width)
+        return height, width
+
+    def _cond(self, embeds: Mapping[str, Any], height: int, width: int, guidance: float, prefix: str = ""):
+        return self.adapter.conditioning(self.adapter.check_embeds(embeds, prefix), height, width, guidance)
+
+    # ---- latent-level API ----------------------------------------------------------------------
     @torch.no_grad()
     def invert_latents(
         self,
         latents: torch.Tensor,
-        height: int,
-        width: int,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        *,
         num_steps: int = 8,
         guidance: float = 1.0,
         solver: str = "fireflow",
         progress: bool | str = False,
+        **embeds: torch.Tensor,
     ) -> torch.Tensor:
-        """Packed image latents ``[B, L, C]`` -> the noise they come from (t = 0 -> 1)."""
-        cond = self.adapter.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
-        ts = self.adapter.timesteps(num_steps, height, width).flip(0)
-        return self._solve(latents, cond, ts, solver, progress=progress)[0]
+        """Image latents (the pipeline's layout) -> the noise they come from (t = 0 -> 1).
+
+        ``embeds``: the family's conditioning by diffusers' names (``prompt_embeds``, ...).
+        """
+        s = EditSettings(num_steps=num_steps, inject=0, guidance=guidance, solver=solver).check()
+        height, width = self._size(latents, height, width)
+        cond = self._cond(embeds, height, width, s.guidance)
+        ts = self.adapter.timesteps(s.num_steps, height, width).flip(0)
+        with self.adapter.running():
+            return self._solve(latents, cond, ts, s.solver, progress=progress)[0]
 
     @torch.no_grad()
     def sample_latents(
         self,
         latents: torch.Tensor,
-        height: int,
-        width: int,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        *,
         num_steps: int = 8,
-        guidance: float = 2.0,
+        guidance: float | None = None,
         solver: str = "fireflow",
         progress: bool | str = False,
         callback: solvers.StepCallback | None = None,
+        **embeds: torch.Tensor,
     ) -> torch.Tensor:
-        """Noise ``[B, L, C]`` -> packed image latents (t = 1 -> 0), no feature injection."""
-        cond = self.adapter.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, guidance)
-        ts = self.adapter.timesteps(num_steps, height, width)
-        return self._solve(latents, cond, ts, solver, progress=progress, callback=callback)[0]
+        """Noise (the pipeline's ``latents=`` layout) -> image latents (t = 1 -> 0), no injection.
+
+        With ``solver="euler"`` this is the family's own pipeline with ``output_type="latent"``.
+        ``guidance`` defaults to the family's text-to-image guidance.
+        """
+        g = self.adapter.generate_guidance if guidance is None else guidance
+        s = EditSettings(num_steps=num_steps, inject=0, guidance=g, solver=solver).check()
+        height, width = self._size(latents, height, width)
+        cond = self._cond(embeds, height, width, s.guidance)
+        ts = self.adapter.timesteps(s.num_steps, height, width)
+        with self.adapter.running():
+            return self._solve(latents, cond, ts, s.solver, progress=progress, callback=callback)[0]
 
     @torch.no_grad()
     def edit_latents(
         self,
-        *,
         latents: torch.Tensor,
-        height: int,
-        width: int,
-        source_prompt_embeds: torch.Tensor,
-        source_pooled_prompt_embeds: torch.Tensor,
-        target_prompt_embeds: torch.Tensor,
-        target_pooled_prompt_embeds: torch.Tensor,
-        num_steps: int = 8,
-        inject: int = 1,
-        guidance: float = 2.0,
-        **options,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        reconstruction: bool = False,
+        progress: bool = False,
+        callback: solvers.StepCallback | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Edit packed latents ``[B, L, C]``; returns the edited packed latents.
+        """Edit latents (the pipeline's layout); returns the edited latents.
 
-        With ``B == 1`` and ``T`` target embeddings, one inversion serves ``T`` edits batched
-        through the transformer (9 + 9T NFE at 8 steps). Other options: see :meth:`edit`.
+        Conditioning comes as ``source_<name>`` and ``target_<name>`` for each of the family's
+        names (``source_prompt_embeds``, ``target_pooled_prompt_embeds``, ...); every other keyword
+        is a setting (see :meth:`edit`). ``mask``: a token mask from the adapter's ``token_mask``.
+        With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
-        out = self._edit(
+        return self._edit_latents(latents, height, width, mask, reconstruction, progress, callback, **kwargs).latents
+
+    def _edit_latents(self, latents, height, width, mask, reconstruction, progress, callback, **kwargs):
+        source = {k[7:]: v for k, v in kwargs.items() if k.startswith("source_")}
+        target = {k[7:]: v for k, v in kwargs.items() if k.startswith("target_")}
+        knobs = {k: v for k, v in kwargs.items() if not k.startswith(("source_", "target_"))}
+        unknown = sorted(set(knobs) - set(EditSettings.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"edit_latents() got an unexpected keyword argument {unknown[0]!r}")
+        height, width = self._size(latents, height, width)
+        return self._edit(
             latents,
             height,
             width,
-            (source_prompt_embeds, source_pooled_prompt_embeds),
-            (target_prompt_embeds, target_pooled_prompt_embeds),
-            num_steps=num_steps,
-            inject=inject,
-            guidance=guidance,
-            **options,
+            self.adapter.check_embeds(source, "source_"),
+            self.adapter.check_embeds(target, "target_"),
+            EditSettings(**knobs),
+            mask=mask,
+            reconstruction=reconstruction,
+            progress=progress,
+            callback=callback,
         )
-        return out.latents
+
+    def resolve(self, settings: EditSettings) -> ResolvedSettings:
+        """The settings with this model's defaults filled in and blocks checked: what would run."""
+        return settings.resolve(self.adapter.defaults, self.adapter.block_counts)
 
     def _edit(
         self,
         latents: torch.Tensor,
         height: int,
         width: int,
-        source: tuple[torch.Tensor, torch.Tensor],
-        target: tuple[torch.Tensor, torch.Tensor],
+        source: Embeds,
+        target: Embeds,
+        settings: EditSettings,
         *,
+        mask: torch.Tensor | None = None,
         reconstruction: bool = False,
-        feature_device: str | torch.device | None = None,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
-        **knobs,
     ) -> FireFlowOutput:
         start = time.perf_counter()
-        if "blocks" in knobs:
-            knobs["blocks"] = parse_blocks(knobs["blocks"])
-        knobs["double_blocks"] = parse_blocks(knobs.get("double_blocks")) or ()
-        s = EditSettings(**knobs).validate(self.transformer)
-        b, t = latents.shape[0], target[0].shape[0]
+        s = self.resolve(settings)
+        b, t = latents.shape[0], target["prompt_embeds"].shape[0]
         if b != 1 and t != b:
             raise ValueError(f"{t} target prompts for {b} images: give one per image, or one image")
-        expected = self.adapter.seq_len(height, width)
-        if latents.shape[1] != expected:
-            raise ValueError(f"latents have {latents.shape[1]} tokens; {height}x{width} needs {expected}")
-        reuse = FeatureReuse(
-            s.num_steps,
-            s.inject,
-            s.strategy,
-            s.blocks or (),
-            s.double_blocks,
-            s.ratios,
-            storage_device=feature_device,
-        )
+        reuse = FeatureReuse(s.num_steps, s.inject, s.strategy, s.blocks, s.ratios, storage_device=s.feature_device)
         ts = self.adapter.timesteps(s.num_steps, height, width)
-        src = self.adapter.conditioning(*source, height, width, s.inversion_guidance)
-        tgt = self.adapter.conditioning(*target, height, width, s.guidance)
-        with torch.no_grad(), self.adapter.processors.installed():
-            noise, nfe_inv = self._solve(
-                latents, src, ts.flip(0), s.solver, reuse, reuse.recording, progress and "inversion"
+        src = self.adapter.conditioning(source, height, width, s.inversion_guidance)
+        tgt = self.adapter.conditioning(target, height, width, s.guidance)
+        keep, record = _MaskBlend.make(mask, latents, ts)
+        cost = _Cost()
+        with torch.no_grad(), self.adapter.running(), self.adapter.processors.installed(s.blocks):
+            noise, inv = self._solve(
+                latents, src, ts.flip(0), s.solver, reuse, reuse.recording, progress and "inversion", None, record
             )
             start_noise = noise.expand(t, *noise.shape[1:]) if b == 1 else noise
-            edited, nfe_edit = self._solve(
-                start_noise, tgt, ts, s.solver, reuse, reuse.injecting, progress and "editing", callback
+            edited, ed = self._solve(
+                start_noise, tgt, ts, s.solver, reuse, reuse.injecting, progress and "editing", callback, keep
             )
-            recon, nfe_rec = None, 0
+            cost.add(inv)
+            cost.add(ed)
+            # NFE per source image: one inversion shared by ``t`` edits, each of which costs a full
+            # pass of velocity evaluations (batched into the same transformer calls).
+            cost.nfe += ed.nfe * ((t if b == 1 else 1) - 1)
+            recon = None
             if reconstruction:
-                recon, nfe_rec = self._solve(noise, src, ts, s.solver, progress=progress and "reconstruction")
-        # Model evaluations per source image: one inversion shared by ``t`` batched edits.
-        nfe = nfe_inv + (t if b == 1 else 1) * nfe_edit + nfe_rec
-        seconds = time.perf_counter() - start
+                recon, rec = self._solve(noise, src, ts, s.solver, progress=progress and "reconstruction")
+                cost.add(rec)
         return FireFlowOutput(
             [],
             edited,
-            nfe,
-            seconds,
+            cost.nfe,
+            time.perf_counter() - start,
             s.to_dict(),
             noise=noise,
             reconstruction_latents=recon,
             injections=reuse.injections,
+            transformer_calls=cost.calls,
+            transformer_rows=cost.rows,
         )
 
     # ---- image-level API -----------------------------------------------------------------------
@@ -324,7 +323,7 @@ class FireFlowEditor:
     def _decode(self, latents: torch.Tensor, image: Image.Image) -> list[Image.Image]:
         return to_pil(self.adapter.decode(latents, image.height, image.width))
 
-    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompts(self, prompts: list[str]) -> Embeds:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt must be a non-empty string, got {p!r}")
@@ -339,14 +338,15 @@ class FireFlowEditor:
         *,
         num_steps: int = 8,
         inject: int = 1,
-        guidance: float = 2.0,
+        guidance: float | None = None,
         inversion_guidance: float = 1.0,
         solver: str = "fireflow",
         strategy: str = "replace_v",
-        blocks: Blocks = None,
-        double_blocks: Blocks = None,
+        blocks: Any = "default",
         ratios: tuple[float, float, float] = (1.0, 1.0, 1.0),
         feature_device: str | torch.device | None = None,
+        mask: MaskInput | None = None,
+        paste_pixels: bool = False,
         reconstruction: bool = False,
         resize: tuple[int, int] | None = None,
         max_pixels: int | None = MAX_PIXELS,
@@ -357,27 +357,22 @@ class FireFlowEditor:
 
         num_steps, inject: steps per pass; features recorded in the last ``inject`` inversion
             steps are reused in the first ``inject`` denoising steps.
-        guidance / inversion_guidance: FLUX's distilled guidance while denoising / inverting.
+        guidance / inversion_guidance: guidance while denoising / inverting (embedded for FLUX.1,
+            classifier-free for SD3; ``None``: the family's default).
         solver: "fireflow" (N + 1 NFE per pass), "midpoint" (2N, RF-Solver) or "euler" (N).
         strategy: "replace_v" or any space-separated mix of replace/add of q, k, v.
-        blocks: single-stream blocks to reuse in ("all", "20-37", ...); double_blocks likewise.
+        blocks: where features are reused: "default" (the family's), "none", "all", "20-37",
+            "single:all,double:0-3" (see :mod:`fireflow.settings`).
         ratios: scale of the stored Q, K, V.  feature_device: where features live ("cpu" to save
             accelerator memory; default the model's device).
+        mask: the region to edit (white / True), a path, PIL image or array of any size; outside
+            it the result keeps the source latents exactly, at no extra model calls.
+        paste_pixels: with a mask, also paste the source pixels outside it after decoding (a
+            feathered edge inside the mask), so the background is the source's to the bit.
         reconstruction: also sample the inverted noise back with the source prompt (N + 1 NFE).
         resize: (width, height) before the model's own crop or resize.
         """
-        targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
-        if not targets:
-            raise ValueError("target_prompt is empty; give at least one target prompt")
-        start = time.perf_counter()
-        src_image, latents = self._prepare(image, resize, max_pixels)
-        embeds, pooled = self._encode_prompts([source_prompt, *targets])
-        out = self._edit(
-            latents,
-            src_image.height,
-            src_image.width,
-            (embeds[:1], pooled[:1]),
-            (embeds[1:], pooled[1:]),
+        settings = EditSettings(
             num_steps=num_steps,
             inject=inject,
             guidance=guidance,
@@ -385,37 +380,54 @@ class FireFlowEditor:
             solver=solver,
             strategy=strategy,
             blocks=blocks,
-            double_blocks=double_blocks,
-            ratios=tuple(ratios),
+            ratios=tuple(ratios) if not isinstance(ratios, str) else ratios,
+            feature_device=None if feature_device is None else str(feature_device),
+        )
+        self.resolve(settings)  # every knob checked before any image or text work
+        targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
+        if not targets:
+            raise ValueError("target_prompt is empty; give at least one target prompt")
+        if paste_pixels and mask is None:
+            raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
+        start = time.perf_counter()
+        src_image, latents = self._prepare(image, resize, max_pixels)
+        pixel_mask = None if mask is None else load_mask(mask, src_image.size)
+        token_mask = None
+        if pixel_mask is not None:
+            token_mask = self.adapter.token_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
+        embeds = self._encode_prompts([source_prompt, *targets])
+        out = self._edit(
+            latents,
+            src_image.height,
+            src_image.width,
+            {k: v[:1] for k, v in embeds.items()},
+            {k: v[1:] for k, v in embeds.items()},
+            settings,
+            mask=token_mask,
             reconstruction=reconstruction,
-            feature_device=feature_device,
             progress=progress,
             callback=callback,
         )
         out.images = self._decode(out.latents, src_image)
+        if paste_pixels:
+            out.images = [paste_source_pixels(img, src_image, pixel_mask) for img in out.images]
+        out.mask = pixel_mask
         if out.reconstruction_latents is not None:
             out.reconstruction = self._decode(out.reconstruction_latents, src_image)[0]
         out.source = src_image
         out.seconds = time.perf_counter() - start
         return out
 
-    def _invert_image(
-        self,
-        image: ImageInput,
-        prompt: str,
-        num_steps: int,
-        guidance: float,
-        solver: str,
-        resize: tuple[int, int] | None,
-        max_pixels: int | None,
-        progress: bool,
-    ):
+    def _invert_image(self, image, prompt, settings, resize, max_pixels, progress):
         """Prepare, encode and invert an image; returns what sampling back needs too."""
+        s = settings.check()
         src_image, latents = self._prepare(image, resize, max_pixels)
-        cond = self.adapter.conditioning(*self._encode_prompts([prompt]), src_image.height, src_image.width, guidance)
-        ts = self._timesteps(num_steps, solver, src_image)
-        noise, nfe = self._solve(latents, cond, ts.flip(0), solver, progress=progress and "inversion")
-        return src_image, cond, ts, noise, nfe
+        h, w = src_image.height, src_image.width
+        cond = self.adapter.conditioning(self._encode_prompts([prompt]), h, w, s.inversion_guidance)
+        ts = self.adapter.timesteps(s.num_steps, h, w)
+        with self.adapter.running():
+            noise, cost = self._solve(latents, cond, ts.flip(0), s.solver, progress=progress and "inversion")
+        return src_image, cond, ts, noise, cost, s
 
     @torch.no_grad()
     def invert(
@@ -432,11 +444,13 @@ class FireFlowEditor:
     ) -> FireFlowOutput:
         """Invert ``image`` under ``prompt`` to the noise it comes from (``out.latents``)."""
         start = time.perf_counter()
-        src_image, _, _, noise, nfe = self._invert_image(
-            image, prompt, num_steps, guidance, solver, resize, max_pixels, progress
-        )
-        settings = {"num_steps": num_steps, "guidance": guidance, "solver": solver}
-        return FireFlowOutput([], noise, nfe, time.perf_counter() - start, settings, src_image, noise)
+        settings = EditSettings(num_steps=num_steps, inject=0, inversion_guidance=guidance, solver=solver)
+        src_image, _, _, noise, cost, s = self._invert_image(image, prompt, settings, resize, max_pixels, progress)
+        meta = {"num_steps": s.num_steps, "guidance": s.inversion_guidance, "solver": s.solver}
+        return FireFlowOutput(
+            [], noise, cost.nfe, time.perf_counter() - start, meta, src_image, noise,
+            transformer_calls=cost.calls, transformer_rows=cost.rows,
+        )  # fmt: skip
 
     @torch.no_grad()
     def reconstruct(
@@ -453,23 +467,19 @@ class FireFlowEditor:
     ) -> FireFlowOutput:
         """Invert ``image`` and sample it back with the same prompt and no injection.
 
-        How close the result is to the source measures the inversion alone (EVALUATION.md).
+        How close the result is to the source measures the inversion alone.
         """
         start = time.perf_counter()
-        src_image, cond, ts, noise, nfe_inv = self._invert_image(
-            image, prompt, num_steps, guidance, solver, resize, max_pixels, progress
-        )
-        latents, nfe = self._solve(noise, cond, ts, solver, progress=progress and "sampling")
-        settings = {"num_steps": num_steps, "guidance": guidance, "solver": solver}
+        settings = EditSettings(num_steps=num_steps, inject=0, inversion_guidance=guidance, solver=solver)
+        src_image, cond, ts, noise, cost, s = self._invert_image(image, prompt, settings, resize, max_pixels, progress)
+        with self.adapter.running():
+            latents, back = self._solve(noise, cond, ts, s.solver, progress=progress and "sampling")
+        cost.add(back)
+        meta = {"num_steps": s.num_steps, "guidance": s.inversion_guidance, "solver": s.solver}
         return FireFlowOutput(
-            self._decode(latents, src_image),
-            latents,
-            nfe_inv + nfe,
-            time.perf_counter() - start,
-            settings,
-            src_image,
-            noise,
-        )
+            self._decode(latents, src_image), latents, cost.nfe, time.perf_counter() - start, meta, src_image,
+            noise, transformer_calls=cost.calls, transformer_rows=cost.rows,
+        )  # fmt: skip
 
     @torch.no_grad()
     def generate(
@@ -479,7 +489,7 @@ class FireFlowEditor:
         height: int | None = None,
         width: int | None = None,
         num_steps: int = 8,
-        guidance: float = 3.5,
+        guidance: float | None = None,
         solver: str = "fireflow",
         seed: int | None = 0,
         latents: torch.Tensor | None = None,
@@ -487,28 +497,58 @@ class FireFlowEditor:
         callback: solvers.StepCallback | None = None,
     ) -> FireFlowOutput:
         """Text-to-image with any solver. ``seed`` draws the noise on the CPU, so it is the same
-        on every device; or pass ``latents`` (packed noise ``[B, L, C]``)."""
+        on every device; or pass ``latents`` (noise in the pipeline's layout)."""
         start = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = height or self.adapter.default_size
-        width = width or self.adapter.default_size
-        # The model's own size policy (crop to a multiple of 16, or the demo's fixed size).
-        height, width = self.adapter.prepare_image(Image.new("RGB", (width, height))).size[::-1]
-        cond = self.adapter.conditioning(*self._encode_prompts(prompts), height, width, guidance)
+        g = self.adapter.generate_guidance if guidance is None else guidance
+        s = EditSettings(num_steps=num_steps, inject=0, guidance=g, solver=solver).check()
+        height = self.adapter.default_size if height is None else height
+        width = self.adapter.default_size if width is None else width
+        self.adapter.check_size(height, width)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise SettingError("seed", f"{{name}} must be a whole number >= 0, got {seed!r}")
+        cond = self.adapter.conditioning(self._encode_prompts(prompts), height, width, s.guidance)
         if latents is None:
-            shape = (len(prompts), self.adapter.seq_len(height, width), self.adapter.latent_channels)
-            g = torch.Generator().manual_seed(seed) if seed is not None else None
-            latents = torch.randn(shape, generator=g, dtype=torch.float32)
+            shape = (len(prompts), *self.adapter.latent_shape(height, width))
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32)
+        self.adapter.check_latents(latents, height, width)
         latents = latents.to(self.adapter.execution_device, torch.float32)
-        ts = self.adapter.timesteps(num_steps, height, width)
-        x, nfe = self._solve(latents, cond, ts, solver, progress=progress and "generating", callback=callback)
-        settings = {"num_steps": num_steps, "guidance": guidance, "solver": solver, "seed": seed}
+        ts = self.adapter.timesteps(s.num_steps, height, width)
+        with self.adapter.running():
+            x, cost = self._solve(latents, cond, ts, s.solver, progress=progress and "generating", callback=callback)
+        meta = {"num_steps": s.num_steps, "guidance": s.guidance, "solver": s.solver, "seed": seed}
         return FireFlowOutput(
-            to_pil(self.adapter.decode(x, height, width)), x, nfe, time.perf_counter() - start, settings
-        )
+            to_pil(self.adapter.decode(x, height, width)), x, cost.nfe, time.perf_counter() - start, meta,
+            transformer_calls=cost.calls, transformer_rows=cost.rows,
+        )  # fmt: skip
 
-    def _timesteps(self, num_steps: int, solver: str, image: Image.Image) -> torch.Tensor:
-        solvers.check_solver(solver)
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        return self.adapter.timesteps(num_steps, image.height, image.width)
+
+class _MaskBlend:
+    """A masked edit: the inversion's states on the grid, and the blend back into them.
+
+    After every denoising step, tokens outside the mask are set to the inversion's state at the
+    same grid time; the last step therefore ends on the exact source latents there. Zero extra
+    model calls; ``N + 1`` stored latents.
+    """
+
+    def __init__(self, mask: torch.Tensor, latents: torch.Tensor, ts: torch.Tensor):
+        self.keep = mask.to(latents.device) > 0.5  # True: edited
+        self.n = len(ts) - 1
+        self.states: dict[int, torch.Tensor] = {self.n: latents.float()}  # grid index -> state
+
+    @classmethod
+    def make(cls, mask, latents, ts):
+        if mask is None:
+            return None, None
+        blend = cls(mask, latents, ts)
+        return blend.blend, blend.record
+
+    def record(self, step: int, t_end: float, x: torch.Tensor) -> torch.Tensor:
+        # Inversion runs the grid backwards: its step i ends at grid index N - 1 - i.
+        self.states[self.n - 1 - step] = x
+        return x
+
+    def blend(self, step: int, t_end: float, x: torch.Tensor) -> torch.Tensor:
+        src = self.states[step + 1]  # denoising step i ends at grid index i + 1
+        return torch.where(self.keep, x, src.expand_as(x))

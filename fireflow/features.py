@@ -1,45 +1,48 @@
 """Attention feature reuse: record Q/K/V during inversion, inject them while denoising.
 
-Two pieces, kept apart on purpose:
+Family-free by design. A model family's attention processors (in ``fireflow/models/<family>/``)
+compute attention exactly like the stock diffusers processors and hand their Q, K, V to the
+edit's :class:`FeatureReuse`, which they receive through the transformer's attention kwargs:
 
-* :class:`FireFlowAttnProcessor` is a stateless diffusers attention processor, installed on a
-  ``FluxTransformer2DModel`` through ``set_attn_processor``. It computes attention exactly like
-  diffusers' ``FluxAttnProcessor`` and hands Q, K, V (after the Q/K RMS-norm, before RoPE) to the
-  edit's :class:`FeatureReuse`, which it receives through ``joint_attention_kwargs``.
 * :class:`FeatureReuse` is all the state of one edit: the recorded tensors and the current call.
   Each edit creates its own, so concurrent edits on one model never see each other's features.
+* :class:`ProcessorInstaller` puts a family's processors on the attention layers an edit selects
+  while it runs, and puts the previous processors back afterwards.
 
-Matching rule (METHOD.md §4): a denoising call reuses the inversion call that covers the same time
-interval with the same call kind ("start" or "midpoint").
+Matching rule: a denoising call reuses the inversion call that covers the same time interval with
+the same call kind ("start" or "midpoint"). Blocks are ``(kind, index)`` pairs named by the family.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 
 from fireflow.solvers import VelocityCall
 
-BlockId = tuple[str, int]  # ("single", i) or ("double", i)
+BlockId = tuple[str, int]  # (block kind, index), kinds named by the model family
 STRATEGIES = ("replace_v", "add_v", "replace_k", "add_k", "replace_q", "add_q")
+#: The attention kwarg the processors receive the edit's store under.
 ATTENTION_KWARG = "fireflow"
 
 
 def parse_strategy(strategy: str) -> dict[str, str]:
     """``"replace_v add_k"`` -> ``{"v": "replace", "k": "add"}``; one operation per tensor."""
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy must be a string such as 'replace_v', got {strategy!r}")
     ops: dict[str, str] = {}
     for word in strategy.replace(",", " ").split():
         if word not in STRATEGIES:
             raise ValueError(f"unknown strategy {word!r}; accepted: {', '.join(STRATEGIES)} (space-separated)")
         op, target = word.split("_")
-        if ops.get(target, op) != op:
-            raise ValueError(f"strategy {strategy!r} both adds and replaces {target.upper()}")
+        if target in ops:
+            what = "repeats" if ops[target] == op else "both adds and replaces"
+            raise ValueError(f"strategy {strategy!r} {what} {target.upper()}; give each of Q, K, V at most once")
         ops[target] = op
     if not ops:
         raise ValueError(f"empty strategy; accepted: {', '.join(STRATEGIES)} (space-separated)")
@@ -54,12 +57,33 @@ class _Key:
     target: str  # "q", "k" or "v"
 
 
+def _fit(stored: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """A stored tensor shaped for the current call's batch.
+
+    Same rows: as is. One stored row (one inversion shared by several edits): broadcast. The
+    current batch a multiple of the stored one (classifier-free guidance while editing, an
+    unguided inversion): repeated, so both halves see the source's features. The stored batch a
+    multiple of the current one (a guided inversion, an unguided edit): its last rows, the
+    prompt-conditioned half of a [negative, positive] batch.
+    """
+    s, c = stored.shape[0], cur.shape[0]
+    if s == c:
+        return stored
+    if s == 1:
+        return stored.expand_as(cur)
+    if c % s == 0:
+        return stored.repeat(c // s, *([1] * (stored.dim() - 1)))
+    if s % c == 0:
+        return stored[s - c :]
+    raise ValueError(f"stored features have batch {s}, the current call {c}: cannot match them")
+
+
 class FeatureReuse:
     """The recorded features and the current call of one edit.
 
     ``recording(call)`` and ``injecting(call)`` are solver call hooks for the inversion and the
     denoising pass. Features are recorded in the last ``inject`` inversion steps and injected in
-    the first ``inject`` denoising steps, in the selected blocks only.
+    the first ``inject`` denoising steps, in the selected ``blocks`` only.
     """
 
     def __init__(
@@ -67,8 +91,7 @@ class FeatureReuse:
         num_steps: int,
         inject: int,
         strategy: str = "replace_v",
-        single_blocks: Iterable[int] = (),
-        double_blocks: Iterable[int] = (),
+        blocks: Iterable[BlockId] = (),
         ratios: tuple[float, float, float] = (1.0, 1.0, 1.0),
         storage_device: torch.device | str | None = None,
     ):
@@ -76,9 +99,7 @@ class FeatureReuse:
             raise ValueError(f"inject must be between 0 and num_steps={num_steps}, got {inject}")
         self.num_steps, self.inject = num_steps, inject
         self.ops = parse_strategy(strategy)
-        self.blocks: frozenset[BlockId] = frozenset(
-            [("single", i) for i in single_blocks] + [("double", i) for i in double_blocks]
-        )
+        self.blocks: frozenset[BlockId] = frozenset(blocks)
         self.ratios = dict(zip("qkv", ratios, strict=True))
         self.storage_device = None if storage_device is None else torch.device(storage_device)
         self._store: dict[_Key, torch.Tensor] = {}
@@ -93,7 +114,7 @@ class FeatureReuse:
     def active(self) -> bool:
         """Whether the current call records, or injects something recorded for it."""
         if self._mode == "record":
-            return True
+            return bool(self.blocks)
         call = self._call
         return self._mode == "inject" and call is not None and (call.interval, call.kind) in self._recorded
 
@@ -126,7 +147,7 @@ class FeatureReuse:
     def __call__(
         self, block: BlockId, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Record or inject this block's ``[B, S, H, D]`` Q, K, V for the current call."""
+        """Record or inject this block's Q, K, V (batch first) for the current call."""
         if self._mode is None or block not in self.blocks:
             return q, k, v
         call = self._call
@@ -146,7 +167,7 @@ class FeatureReuse:
             if stored is None:  # e.g. FireFlow's first start call: inversion never made it
                 continue
             cur = qkv[target]
-            stored = stored.to(cur.device, cur.dtype, non_blocking=True).expand_as(cur)
+            stored = _fit(stored.to(cur.device, cur.dtype, non_blocking=True), cur)
             qkv[target] = stored if op == "replace" else cur + stored
             injected = True
         if injected:
@@ -154,121 +175,67 @@ class FeatureReuse:
         return qkv["q"], qkv["k"], qkv["v"]
 
 
-class FireFlowAttnProcessor:
-    """FLUX attention with a hook on Q, K, V (after the Q/K norm, before RoPE).
+class _OwnKwargFilter(logging.Filter):
+    """Drops diffusers' "kwargs ['fireflow'] are not expected by <processor>" warning: an edit that
+    selects some blocks passes its store to every layer, and the others rightly ignore it."""
 
-    Without a :class:`FeatureReuse` in the call it computes what diffusers' ``FluxAttnProcessor``
-    computes. It follows ``transformer.set_attention_backend``.
-    """
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, block: BlockId):
-        self.block = block
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        fireflow: FeatureReuse | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        q, k, v = _projections(attn, hidden_states, fused="to_qkv", names=("to_q", "to_k", "to_v"))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if joint:
-            eq, ek, ev = _projections(
-                attn,
-                encoder_hidden_states,
-                fused="to_added_qkv",
-                names=("add_q_proj", "add_k_proj", "add_v_proj"),
-            )
-            # Text tokens first, then image tokens: the joint sequence the single blocks also see.
-            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
-            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
-            v = torch.cat([ev, v], dim=1)
-        if fireflow is not None:
-            q, k, v = fireflow(self.block, q, k, v)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = dispatch_attention_fn(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        out = out.flatten(2, 3).to(q.dtype)
-        if not joint:
-            return out
-        text_len = encoder_hidden_states.shape[1]
-        encoder_out, out = out[:, :text_len], out[:, text_len:]
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(encoder_out.contiguous())
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"['{ATTENTION_KWARG}'] are not expected" not in record.getMessage()
 
 
-def _projections(
-    attn: torch.nn.Module, x: torch.Tensor, fused: str, names: tuple[str, str, str]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V as ``[B, S, H, D]``, from fused or separate projections."""
-    # Plain statements, no generators: this runs in every attention layer of every call, and on a
-    # launch-bound GPU (FLUX at 512², eager) its Python time is the forward's time.
-    if getattr(attn, "fused_projections", False):
-        q, k, v = getattr(attn, fused)(x).chunk(3, dim=-1)
-    else:
-        q, k, v = getattr(attn, names[0])(x), getattr(attn, names[1])(x), getattr(attn, names[2])(x)
-    shape = (-1, attn.head_dim)
-    return q.unflatten(-1, shape), k.unflatten(-1, shape), v.unflatten(-1, shape)
+def quiet_unused_kwarg_warning(logger_name: str) -> None:
+    """Install :class:`_OwnKwargFilter` on one diffusers module logger (once)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OwnKwargFilter) for f in logger.filters):
+        logger.addFilter(_OwnKwargFilter())
 
 
-def attention_blocks(transformer: torch.nn.Module) -> dict[str, BlockId]:
-    """Processor name -> block id for every attention layer of a FLUX transformer."""
-    out: dict[str, BlockId] = {}
-    for name in transformer.attn_processors:
-        parts = name.split(".")
-        kind = {"transformer_blocks": "double", "single_transformer_blocks": "single"}.get(parts[0])
-        if kind is None:
-            raise ValueError(f"not a FLUX transformer: unexpected attention layer {name!r}")
-        out[name] = (kind, int(parts[1]))
-    return out
+#: Builds the family's processor for one attention layer, given the block id and the layer's
+#: current processor (whose attention backend it should follow).
+ProcessorFactory = Callable[[BlockId, object], object]
 
 
 class ProcessorInstaller:
-    """Installs :class:`FireFlowAttnProcessor` on one transformer for as long as any edit runs.
+    """Installs a family's feature-reuse processors on one transformer while edits run.
 
-    Owned by the model adapter, not by an edit: it counts the edits in flight so that concurrent
-    edits share one installation, and the last one out restores the original processors, also
-    when an edit fails.
+    Owned by the model adapter, not by an edit. Only the layers an edit selects get a new
+    processor; the rest (an IP-adapter's, say) stay as they are. Each layer counts the edits in
+    flight that use it, so concurrent edits share one installation, and the last one out restores
+    that layer's previous processor, also when an edit fails.
     """
 
-    def __init__(self, transformer: torch.nn.Module):
-        self.transformer = transformer
+    def __init__(self, transformer: torch.nn.Module, layers: Mapping[str, BlockId], factory: ProcessorFactory):
+        self.transformer, self.layers, self.factory = transformer, dict(layers), factory
         self._lock = threading.Lock()
-        self._users = 0
-        self._original: dict[str, object] | None = None
+        self._users: dict[str, int] = {}
+        self._original: dict[str, object] = {}
+
+    def _set(self, changes: Mapping[str, object]) -> None:
+        # diffusers' dict form needs every layer: keep the others' current processors.
+        processors = dict(self.transformer.attn_processors)
+        processors.update(changes)
+        self.transformer.set_attn_processor(processors)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, blocks: Iterable[BlockId]) -> Iterator[None]:
+        wanted = set(blocks)
+        names = [name for name, block in self.layers.items() if block in wanted]
         with self._lock:
-            if self._users == 0:
-                self._original = dict(self.transformer.attn_processors)
-                backend = getattr(next(iter(self._original.values())), "_attention_backend", None)
-                processors = {}
-                for name, block in attention_blocks(self.transformer).items():
-                    processors[name] = FireFlowAttnProcessor(block)
-                    processors[name]._attention_backend = backend
-                self.transformer.set_attn_processor(processors)
-            self._users += 1
+            fresh = [n for n in names if self._users.get(n, 0) == 0]
+            if fresh:
+                current = self.transformer.attn_processors
+                self._original.update({n: current[n] for n in fresh})
+                self._set({n: self.factory(self.layers[n], current[n]) for n in fresh})
+            for n in names:
+                self._users[n] = self._users.get(n, 0) + 1
         try:
             yield
         finally:
             with self._lock:
-                self._users -= 1
-                if self._users == 0 and self._original is not None:
-                    self.transformer.set_attn_processor(self._original)
-                    self._original = None
+                done = []
+                for n in names:
+                    self._users[n] -= 1
+                    if self._users[n] == 0:
+                        done.append(n)
+                if done:
+                    self._set({n: self._original.pop(n) for n in done})

@@ -1,22 +1,14 @@
-"""Time grids from t = 1 (noise) to t = 0 (image)."""
+"""Time grids from t = 1 (noise) to t = 0 (image), family-free.
+
+Each model family computes its own grid from its pipeline's scheduler config
+(``ModelAdapter.timesteps``); these are the plain building blocks.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-
-
-def flux_mu(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """FLUX's resolution-dependent shift: linear in the packed image-token count, extrapolated."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return base_shift + slope * (image_seq_len - base_seq_len)
 
 
 def linear_timesteps(num_steps: int) -> torch.Tensor:
@@ -26,14 +18,10 @@ def linear_timesteps(num_steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
 
 
-def flux_timesteps(num_steps: int, image_seq_len: int | None = None, shift: bool = True) -> torch.Tensor:
-    """The FLUX.1-dev grid: ``linspace(1, 0, N + 1)`` with ``t -> e^mu / (e^mu + 1/t - 1)`` applied
-    to every point but 0. ``shift=False`` (FLUX.1-schnell) gives the plain linear grid."""
+def shifted_timesteps(num_steps: int, mu: float) -> torch.Tensor:
+    """The linear grid with the exponential time shift ``t -> e^mu / (e^mu + 1/t - 1)`` applied to
+    every point but 0, as diffusers' flow-matching schedulers apply it with dynamic shifting."""
     ts = linear_timesteps(num_steps)
-    if not shift:
-        return ts
-    if image_seq_len is None:
-        raise ValueError("flux_timesteps with shift=True needs image_seq_len (packed image tokens)")
-    e_mu = math.exp(flux_mu(image_seq_len))
+    e_mu = math.exp(mu)
     head = ts[:-1]
     return torch.cat([e_mu / (e_mu + (1 / head - 1)), ts[-1:]])

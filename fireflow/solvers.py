@@ -13,7 +13,7 @@ around the call. The velocity itself stays a plain ``v(x, t)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +25,7 @@ CallKind = Literal["start", "midpoint"]
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 CallHook = Callable[["VelocityCall"], AbstractContextManager[object]]
 StepCallback = Callable[[int, float, torch.Tensor], None]
+StateHook = Callable[[int, float, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,23 @@ class _Stepper:
             yield i, self.ts[i + 1] - self.ts[i]
 
 
-def euler(f: _Stepper, x: torch.Tensor) -> Iterator[torch.Tensor]:
+def euler(f: _Stepper, x: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
     """Euler ("ReFlow"): ``x += h v(x, t_a)``. 1 NFE per step."""
     for i, h in f.steps():
         x = x + h * f(x, i, "start")
-        yield x
+        x = yield x
 
 
-def midpoint(f: _Stepper, x: torch.Tensor) -> Iterator[torch.Tensor]:
+def midpoint(f: _Stepper, x: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
     """Explicit midpoint rule (what RF-Solver's second-order update reduces to). 2 NFE per step."""
     for i, h in f.steps():
         v_a = f(x, i, "start")
         v_m = f(x + h / 2 * v_a, i, "midpoint")
         x = x + h * v_m
-        yield x
+        x = yield x
 
 
-def fireflow(f: _Stepper, x: torch.Tensor) -> Iterator[torch.Tensor]:
+def fireflow(f: _Stepper, x: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
     """FireFlow: the midpoint rule with ``v(x, t_a)`` replaced by the previous step's midpoint
     velocity. Only step 0 evaluates its start velocity, so N steps cost N + 1 NFE."""
     v_m = None  # the cache starts empty on every pass
@@ -89,10 +90,10 @@ def fireflow(f: _Stepper, x: torch.Tensor) -> Iterator[torch.Tensor]:
         v_a = f(x, i, "start") if v_m is None else v_m
         v_m = f(x + h / 2 * v_a, i, "midpoint")
         x = x + h * v_m
-        yield x
+        x = yield x
 
 
-SOLVERS: dict[str, Callable[[_Stepper, torch.Tensor], Iterator[torch.Tensor]]] = {
+SOLVERS: dict[str, Callable[[_Stepper, torch.Tensor], Generator[torch.Tensor, torch.Tensor, None]]] = {
     "euler": euler,
     "midpoint": midpoint,
     "fireflow": fireflow,
@@ -118,6 +119,7 @@ def sample(
     *,
     call_hook: CallHook | None = None,
     callback: StepCallback | None = None,
+    state_hook: StateHook | None = None,
     progress: bool | str = False,
 ) -> torch.Tensor:
     """Integrate ``dx/dt = velocity(x, t)`` along ``timesteps``, in whichever direction they run.
@@ -125,8 +127,10 @@ def sample(
     ``velocity(x, t)`` gets the state and a Python float time and must return a tensor shaped like
     ``x``; its output is cast to ``x.dtype``, so a bf16 model keeps an fp32 trajectory.
     ``call_hook(call)`` returns a context manager entered around every velocity call.
-    ``callback(step, t_end, x)`` runs after each step. ``progress`` shows a bar (a string sets
-    its label). Returns the final state, in ``x``'s dtype.
+    ``state_hook(step, t_end, x)`` may replace the state after each step (a masked edit blends
+    the source back in there); ``callback(step, t_end, x)`` then sees the state the next step
+    starts from. ``progress`` shows a bar (a string sets its label). Returns the final state, in
+    ``x``'s dtype.
     """
     check_solver(solver)
     ts = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else [float(t) for t in timesteps]
@@ -134,8 +138,15 @@ def sample(
         raise ValueError(f"timesteps needs at least 2 points, got {len(ts)}")
     f = _Stepper(velocity, ts, x.dtype, call_hook)
     desc = progress if isinstance(progress, str) else solver
-    out = x
-    for i, out in enumerate(tqdm(SOLVERS[solver](f, x), total=len(ts) - 1, desc=desc, disable=not progress)):
-        if callback is not None:
-            callback(i, ts[i + 1], out)
+    steps = SOLVERS[solver](f, x)
+    with tqdm(total=len(ts) - 1, desc=desc, disable=not progress) as bar:
+        out = next(steps)
+        for i in range(len(ts) - 1):
+            if state_hook is not None:
+                out = state_hook(i, ts[i + 1], out)
+            if callback is not None:
+                callback(i, ts[i + 1], out)
+            bar.update(1)
+            if i < len(ts) - 2:
+                out = steps.send(out)
     return out

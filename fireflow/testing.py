@@ -1,130 +1,48 @@
-"""A tiny random FLUX pipeline, built locally with no network, for tests and smoke runs.
+"""Tiny random pipelines of every model family, built locally with no network, for tests and
+smoke runs. Each family folder contributes its variants through its own ``tiny`` module::
 
-``save_tiny_flux(path)`` writes a diffusers ``FluxPipeline`` folder (transformer, VAE, CLIP and T5
-encoders, both tokenizers, scheduler) that loads through the same loader as FLUX.1-dev::
-
-    fireflow edit photo.jpg -s "a cat" -t "a dog" --model "$(python -m fireflow.testing /tmp/tiny)"
+    fireflow edit photo.jpg -s "a cat" -t "a dog" --model "$(python -m fireflow.testing flux /tmp/tiny)"
+    python -m fireflow.testing --list
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-#: The tiny transformer's shape: 1 double-stream block, 2 single-stream blocks, 2 heads of 16.
-TINY_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
+from fireflow.models import FAMILIES
 
 
-def tiny_transformer(seed: int = 0, **overrides):
-    """A random ``FluxTransformer2DModel`` with :data:`TINY_TRANSFORMER`'s shape (overridable)."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**{**TINY_TRANSFORMER, **overrides}).eval()
-
-
-def _char_tokenizer(bos: str | None, eos: str, pad: str, unk: str, max_length: int):
-    """A character-level tokenizer (letters, digits, punctuation) that adds ``bos``/``eos``.
-
-    Built with the ``tokenizers`` library, so it needs no vocabulary download and works with
-    every transformers version; FluxPipeline only uses the standard tokenizer call.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [t for t in (pad, eos, unk, bos) if t is not None]
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-:;()\"")
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + alphabet))}
-    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token=unk))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = f"{bos} $A {eos}" if bos else f"$A {eos}"
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in (bos, eos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        model_max_length=max_length,
-    ), vocab
+def variants() -> dict[str, Callable[..., Path]]:
+    """Tiny-model variant name -> writer ``(path, variant, seed) -> path``, over all families."""
+    out: dict[str, Callable[..., Path]] = {}
+    for target in dict.fromkeys(FAMILIES.values()):
+        package = target.partition(":")[0]
+        try:
+            module = importlib.import_module(package + ".tiny")
+        except ModuleNotFoundError as e:
+            if e.name != package + ".tiny":
+                raise
+            continue
+        out.update(module.VARIANTS)
+    return out
 
 
-def tiny_flux_pipeline(seed: int = 0):
-    """All the components of a FLUX pipeline at toy size, random weights, in fp32."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    transformer = tiny_transformer(seed)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(4, 4, 8, 8),  # 4 blocks: downsampling by 8, as FLUX's VAE
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,  # keeps large photos cheap
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
-    clip_tok, clip_vocab = _char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
-    t5_tok, t5_vocab = _char_tokenizer(None, "</s>", "<pad>", "<unk>", 512)
-    torch.manual_seed(seed + 2)
-    clip_config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(clip_vocab),
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=clip_vocab["<|startoftext|>"],
-        eos_token_id=clip_vocab["<|endoftext|>"],  # the pooled output is read at the EOS token
-        pad_token_id=clip_vocab["<pad>"],
-    )
-    clip = CLIPTextModel(clip_config).eval()
-    torch.manual_seed(seed + 3)
-    t5_config = T5Config(vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    t5 = T5EncoderModel(t5_config).eval()
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tok,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-
-
-def save_tiny_flux(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random FLUX pipeline folder to ``path`` and return it."""
-    path = Path(path)
-    tiny_flux_pipeline(seed).save_pretrained(path)
-    return path
+def save_tiny(variant: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny random pipeline ``variant`` (see :func:`variants`) to ``path``."""
+    table = variants()
+    if variant not in table:
+        raise ValueError(f"unknown tiny model {variant!r}; accepted: {', '.join(table)}")
+    return table[variant](path, variant, seed)
 
 
 if __name__ == "__main__":
-    print(save_tiny_flux(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="tiny-flux-")))
+    args = sys.argv[1:]
+    if not args or args[0] in ("--list", "-h", "--help"):
+        print("usage: python -m fireflow.testing VARIANT [FOLDER]; variants: " + ", ".join(variants()))
+        sys.exit(0 if args else 2)
+    print(save_tiny(args[0], args[1] if len(args) > 1 else tempfile.mkdtemp(prefix=f"tiny-{args[0]}-")))

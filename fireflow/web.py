@@ -158,7 +158,7 @@ def build_app(
     edit_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
-    has_guidance = bool(getattr(editor.transformer.config, "guidance_embeds", True))
+    has_guidance = editor.adapter.guidance_kind != "none"
     guidance_info = "while editing" if has_guidance else "unused by this model"
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
@@ -179,7 +179,13 @@ def build_app(
                     inject = gr.Number(
                         1, label="Inject", min_width=90, precision=0, elem_id="inject", info="steps reusing V"
                     )
-                    guidance = gr.Number(2.0, label="Guidance", min_width=90, elem_id="guidance", info=guidance_info)
+                    guidance = gr.Number(
+                        editor.adapter.defaults.get("guidance", 2.0),
+                        label="Guidance",
+                        min_width=90,
+                        elem_id="guidance",
+                        info=guidance_info,
+                    )
                 with gr.Row():
                     solver = gr.Dropdown(list(solvers.SOLVERS), value="fireflow", label="Solver", elem_id="solver")
                     strategy = gr.Dropdown(
@@ -189,7 +195,9 @@ def build_app(
                         allow_custom_value=True,  # any space-separated mix; the editor checks it
                         elem_id="strategy",
                     )
-                    blocks = gr.Textbox("all", label="Single blocks", elem_id="blocks", info="all, 20-37, 0,5,9")
+                    blocks = gr.Textbox(
+                        "default", label="Blocks", elem_id="blocks", info="default, all, 20-37, single:all,double:0-3"
+                    )
                 with gr.Accordion("More", open=False, elem_id="more"):
                     inversion_guidance = gr.Number(
                         1.0,
@@ -360,9 +368,9 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
 
 def describe(settings: dict) -> str:
     """The knobs an edit actually ran with (the editor's record, not the form's), in one line."""
-    blocks = settings["blocks"]
-    contiguous = list(blocks) == list(range(blocks[0], blocks[-1] + 1)) if blocks else False
-    span = f"{blocks[0]}-{blocks[-1]}" if contiguous and len(blocks) > 1 else ",".join(map(str, blocks)) or "none"
+    from fireflow.settings import describe_blocks
+
+    span = describe_blocks(settings["blocks"])
     return (
         f"{settings['solver']}, {settings['num_steps']} steps, inject {settings['inject']}, "
         f"{settings['strategy']} in blocks {span}, guidance {settings['guidance']:g}"

@@ -14,9 +14,9 @@ SHARED_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "i
 
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
-    from fireflow.testing import save_tiny_flux
+    from fireflow.testing import save_tiny
 
-    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+    return save_tiny("flux", tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="session")

@@ -243,7 +243,7 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     from fireflow.bench._editing import edit_fn
 
     settings = _tiny_settings()
-    assert settings["num_steps"] == 2 and settings["blocks"] == "all" and "feature_device" not in settings
+    assert settings["num_steps"] == 2 and settings["blocks"] == "default" and "feature_device" not in settings
     types = {"0", "6"}
     counts = pie.run_pie(data, tmp_path, edit_fn(tiny_editor, settings), settings, "tiny", types, progress=False)
     assert counts["edited"] == 4 and counts["merged"] == 4
@@ -343,7 +343,7 @@ def test_cli_checks_the_folder_before_loading_a_model(data, tmp_path, capsys):
     assert main([*argv, "--steps", "15", "--inject", "2"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err  # not a model-not-found error
     assert main([*argv, "--inject", "9"]) == 2
-    assert "--inject must be between 0 and --steps=8" in capsys.readouterr().err
+    assert "--inject must be between 0 and the step count 8" in capsys.readouterr().err
 
 
 def test_eval_compares_several_edit_folders(data, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The fireflow command: an end-to-end edit on a real photo, and every bad input refused cleanly."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,25 +113,62 @@ def image(tmp_path):
     [
         (["{missing}"], "not found"),
         (["{text}"], "is not a readable image"),
-        (["{image}", "--inject", "9"], "--inject must be between 0 and --steps=8, got 9"),
-        (["{image}", "--strategy", "swap_v"], "unknown strategy 'swap_v'"),
-        (["{image}", "--blocks", "0-40"], "single block 2 out of range; this model has single blocks 0..1"),
-        (["{image}", "--blocks", "x"], "bad block spec 'x'"),
+        (["{image}", "--inject", "9"], "--inject must be between 0 and the step count 8, got 9"),
+        (["{image}", "--strategy", "swap_v"], "--strategy: unknown strategy 'swap_v'"),
+        (["{image}", "--strategy", "replace_v replace_v"], "repeats V"),
+        (
+            ["{image}", "--blocks", "0-40"],
+            "--blocks: single block 0-40 out of range; this model has single blocks 0..1",
+        ),  # noqa: E501
+        (["{image}", "--blocks", "0-100000000"], "single block 0-100000000 out of range"),
+        (["{image}", "--blocks", "5-2"], "--blocks '5-2': range '5-2' is reversed; write 2-5"),
+        (["{image}", "--blocks", "double:1"], "double block 1 out of range; this model has double blocks 0..0"),
+        (["{image}", "--blocks", "x"], "--blocks 'x': bad item 'x'"),
+        (["{image}", "--guidance", "nan"], "--guidance must be a finite number between 0 and 100, got nan"),
+        (["{image}", "--guidance", "inf"], "--guidance must be a finite number between 0 and 100, got inf"),
+        (["{image}", "--inversion-guidance=-1e6"], "--inversion-guidance must be a finite number"),
+        (["{image}", "--ratios", "1,1,nan"], "--ratios must be a finite number between 0 and 10"),
+        (["{image}", "--steps", "0"], "--steps must be between 1 and 1000, got 0"),
+        (["{image}", "--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda, cuda:N, mps"),
+        (["{image}", "--device", "cuda"], "--device 'cuda' asked for, but this machine has no CUDA GPU"),
+        (["{image}", "--device", "gpu"], "unknown --device 'gpu'"),
+        (["{image}", "--feature-device", "cdua"], "unknown --feature-device 'cdua'"),
         (["{image}", "-t", " "], "target prompt is empty"),
         (["{image}", "--model", "{tmp}/no-such-model"], "no such folder"),
-        (["{image}", "--model", "{tmp}"], "not a diffusers pipeline"),
+        (["{image}", "--model", "{tmp}"], "not a diffusers model (no model_index.json or config.json)"),
+        (["{image}", "--model", "{tmp}/corrupt"], "model_index.json is not valid JSON"),
+        (["{image}", "--model", "{tmp}/noweights"], "transformer has no weights (*.safetensors or *.bin)"),
+        (["{image}", "--model", "{tmp}/unknown"], "WanPipeline is not a supported model; supported:"),
         (["{image}", "-o", "{tmp}/out.txt"], "must end in one of .png"),
+        (["{image}", "-o", "{tmp}/adir.png"], "-o '{tmp}/adir.png' is a folder"),
+        (["{image}", "-o", "{tmp}/same.png", "--save-reconstruction", "{tmp}/same.png"], "is the same file as -o"),
+        (["{image}", "-o", "{image}"], "is the same file as the input image"),
+        (["{image}", "--paste-pixels"], "--paste-pixels needs --mask"),
+        (["{image}", "--mask", "{tmp}/nomask.png"], "mask '{tmp}/nomask.png' not found"),
+        (["{image}", "--mask", "{black}"], "mask selects nothing (all black)"),
     ],
 )
 def test_bad_input_one_line_error_no_output(args, message, image, tmp_path, tiny_flux_dir, capsys):
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model_index.json").write_text("{ not json")
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    if "{tmp}/noweights" in args:
+        shutil.copytree(tiny_flux_dir, tmp_path / "noweights")
+        for f in (tmp_path / "noweights" / "transformer").glob("*.safetensors"):
+            f.unlink()
+    Image.new("L", (8, 8), 0).save(tmp_path / "black.png")
     subs = {
         "{missing}": str(tmp_path / "missing.jpg"),
         "{text}": str(tmp_path / "notes.txt"),
         "{image}": str(image),
+        "{black}": str(tmp_path / "black.png"),
         "{tmp}": str(tmp_path),
     }
     args = [subs.get(a, a.replace("{tmp}", str(tmp_path))) for a in args]
+    message = message.replace("{tmp}", str(tmp_path))
     if "-t" not in args:
         args += ["-t", "a red square"]
     if "--model" not in args:

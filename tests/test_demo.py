@@ -64,7 +64,7 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
     latents = adapter.encode_image(pixels)
     assert latents.dtype == torch.float32 and latents.shape == (4, 64, 48)
     assert torch.equal(adapter.decode(latents, RESOLUTION, RESOLUTION), pixels)
-    assert adapter.image_ids(RESOLUTION, RESOLUTION).shape == (64, 3)
+    assert adapter.latent_shape(RESOLUTION, RESOLUTION) == (64, 48)
     # Any size and mode goes to 32x32 RGB; transparency on white, aspect kept by white padding.
     rgba = Image.new("RGBA", (100, 50), (255, 0, 0, 0))
     out = adapter.prepare_image(rgba)
@@ -74,12 +74,13 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
 
 
 def test_prompt_embeds_fixed_length(adapter):
-    embeds, pooled = adapter.encode_prompt(["red heart", "smiling face with open eyes and hand over mouth", "x"])
+    e = adapter.encode_prompt(["red heart", "smiling face with open eyes and hand over mouth", "x"])
+    embeds, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
     assert embeds.shape == (3, TEXT_LEN, TEXT_DIM) and pooled.shape == (3, TEXT_DIM)
     # Padding carries nothing; pooled vectors have unit RMS; one prompt encodes the same alone.
     assert embeds[2, 3:].abs().max() == 0
     torch.testing.assert_close(pooled.pow(2).mean(1), torch.ones(3), rtol=1e-4, atol=1e-4)
-    alone, _ = adapter.encode_prompt(["red heart"])
+    alone = adapter.encode_prompt(["red heart"])["prompt_embeds"]
     torch.testing.assert_close(alone[0], embeds[0], rtol=1e-4, atol=1e-5)
 
 
@@ -101,8 +102,8 @@ def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
     idx = list(range(0, len(emoji), len(emoji) // 12))[:12]
     pixels = torch.from_numpy(emoji.pixels()[idx])
     x0 = adapter.encode_image(pixels)
-    embeds, pooled = adapter.encode_prompt([emoji.prompts[i] for i in idx])
-    cond = adapter.conditioning(embeds, pooled, RESOLUTION, RESOLUTION, guidance=None)
+    e = adapter.encode_prompt([emoji.prompts[i] for i in idx])
+    cond = adapter.conditioning(e, RESOLUTION, RESOLUTION, guidance=1.0)
 
     def v(x, t):
         return adapter.velocity(x, t, cond)

@@ -1,11 +1,14 @@
 """Editing semantics on a tiny random FLUX transformer, at the latent level."""
 
+import re
+
 import pytest
 import torch
 
-from fireflow import FireFlowEditor
-from fireflow.features import FireFlowAttnProcessor, parse_strategy
-from fireflow.testing import tiny_transformer
+from fireflow import EditSettings, FireFlowEditor
+from fireflow.features import parse_strategy
+from fireflow.models.flux.processors import FluxFeatureProcessor
+from fireflow.models.flux.tiny import tiny_transformer
 
 H = W = 64  # 4 x 4 packed tokens with FLUX's 16-pixel tokens
 
@@ -30,14 +33,18 @@ def inputs():
     )
 
 
+def _embeds(inputs, which):
+    return {name: inputs[f"{which}_{name}"] for name in ("prompt_embeds", "pooled_prompt_embeds")}
+
+
 def _edit(editor, inputs, **kw):
     return editor._edit(
         inputs["latents"],
         H,
         W,
-        (inputs["source_prompt_embeds"], inputs["source_pooled_prompt_embeds"]),
-        (inputs["target_prompt_embeds"], inputs["target_pooled_prompt_embeds"]),
-        **kw,
+        _embeds(inputs, "source"),
+        _embeds(inputs, "target"),
+        EditSettings(**kw),
     )
 
 
@@ -60,7 +67,7 @@ def test_defaults_inject_once_per_block_at_first_midpoint(editor, inputs):
         counter.handle.remove()
     assert out.nfe == counter.n == 18
     assert out.injections == [(0, "midpoint", ("single", i)) for i in range(3)]
-    assert out.settings["blocks"] == (0, 1, 2) and out.settings["strategy"] == "replace_v"
+    assert out.settings["blocks"] == [["single", i] for i in range(3)] and out.settings["strategy"] == "replace_v"
 
 
 @pytest.mark.parametrize(
@@ -87,10 +94,20 @@ def test_inject_zero_equals_plain_inversion_then_sampling(editor, inputs):
     edited = editor.edit_latents(**inputs, inject=0)
     # Plain path: the model's own diffusers processors, no feature reuse anywhere.
     noise = editor.invert_latents(
-        inputs["latents"], H, W, inputs["source_prompt_embeds"], inputs["source_pooled_prompt_embeds"], guidance=1.0
+        inputs["latents"],
+        H,
+        W,
+        prompt_embeds=inputs["source_prompt_embeds"],
+        pooled_prompt_embeds=inputs["source_pooled_prompt_embeds"],
+        guidance=1.0,
     )
     plain = editor.sample_latents(
-        noise, H, W, inputs["target_prompt_embeds"], inputs["target_pooled_prompt_embeds"], guidance=2.0
+        noise,
+        H,
+        W,
+        prompt_embeds=inputs["target_prompt_embeds"],
+        pooled_prompt_embeds=inputs["target_pooled_prompt_embeds"],
+        guidance=2.0,
     )
     torch.testing.assert_close(edited, plain, rtol=1e-6, atol=1e-6)
 
@@ -104,6 +121,7 @@ def test_edit_many_equals_separate_edits(editor, inputs):
     targets = torch.randn(3, 7, 32, generator=g)
     pooled = torch.randn(3, 32, generator=g)
     many = _edit(editor, {**inputs, "target_prompt_embeds": targets, "target_pooled_prompt_embeds": pooled})
+    assert many.transformer_calls == 18 and many.transformer_rows == 9 + 9 * 3
     assert many.nfe == 9 + 9 * 3
     assert many.latents.shape == (3, 16, 16)
     for i in range(3):
@@ -121,7 +139,7 @@ def test_processors_restored_after_edit_and_after_error(editor, inputs):
     with pytest.raises(RuntimeError):
         editor.edit_latents(**bad)
     after = editor.transformer.attn_processors
-    assert after == before and not any(isinstance(p, FireFlowAttnProcessor) for p in after.values())
+    assert after == before and not any(isinstance(p, FluxFeatureProcessor) for p in after.values())
 
 
 def test_processors_installed_during_edit(editor, inputs):
@@ -133,7 +151,7 @@ def test_processors_installed_during_edit(editor, inputs):
             type(editor.transformer.attn_processors["single_transformer_blocks.0.attn.processor"])
         ),
     )
-    assert seen == [FireFlowAttnProcessor] * 2
+    assert seen == [FluxFeatureProcessor] * 2
 
 
 def test_strategies_and_ratios(editor, inputs):
@@ -149,8 +167,11 @@ def test_strategies_and_ratios(editor, inputs):
 
 
 def test_double_blocks_option(editor, inputs):
-    out = _edit(editor, inputs, blocks=[], double_blocks=[0])
+    out = _edit(editor, inputs, blocks="double:0")
     assert out.injections == [(0, "midpoint", ("double", 0))]
+    both = _edit(editor, inputs, blocks="single:all,double:all")
+    assert {b for *_, b in both.injections} == {("single", 0), ("single", 1), ("single", 2), ("double", 0)}
+    assert _edit(editor, inputs, blocks="none").injections == []
     assert (out.latents - editor.edit_latents(**inputs, inject=0)).abs().max() > 1e-4
 
 
@@ -161,23 +182,35 @@ def test_feature_storage_on_cpu_gives_same_result(editor, inputs):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        (dict(inject=9), "inject must be between 0 and num_steps=8"),
+        (dict(inject=9), "inject must be between 0 and the step count 8"),
         (dict(strategy="swap_v"), "unknown strategy 'swap_v'"),
         (dict(strategy="add_v replace_v"), "both adds and replaces V"),
+        (dict(strategy="replace_v replace_v"), "repeats V"),
         (dict(blocks=[3]), "single block 3 out of range; this model has single blocks 0..2"),
-        (dict(double_blocks="1"), "double block 1 out of range"),
+        (dict(blocks="double:1"), "double block 1 out of range; this model has double blocks 0..0"),
+        (dict(blocks="0-100000000"), "single block 0-100000000 out of range"),
+        (dict(blocks="2-1"), "range '2-1' is reversed"),
+        (dict(blocks=""), "blocks is empty"),
+        (dict(blocks="joint:0"), "this model has no 'joint' blocks; its blocks: double (0..0), single (0..2)"),
         (dict(solver="rk4"), "unknown solver 'rk4'"),
-        (dict(num_steps=0), "num_steps must be a positive integer"),
-        (dict(blocks="a-b"), "bad block spec"),
+        (dict(num_steps=0), "num_steps must be between 1 and 1000"),
+        (dict(num_steps=2.5), "num_steps must be a whole number"),
+        (dict(guidance=float("nan")), "guidance must be a finite number between 0 and 100"),
+        (dict(guidance=1e308), "guidance must be a finite number"),
+        (dict(inversion_guidance=-1e6), "inversion_guidance must be a finite number"),
+        (dict(ratios=(1, 1)), "ratios must be three numbers"),
+        (dict(feature_device="cdua"), "unknown feature_device 'cdua'"),
+        (dict(blocks="a-b"), "bad item 'a-b'"),
     ],
 )
 def test_bad_settings(editor, inputs, kw, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         editor.edit_latents(**inputs, **kw)
 
 
 def test_token_count_checked(editor, inputs):
-    with pytest.raises(ValueError, match="latents have 16 tokens; 32x32 needs 4"):
+    message = "latents of shape (1, 16, 16) do not fit a 32x32 image; this model expects [batch, 4, 16]"
+    with pytest.raises(ValueError, match=re.escape(message)):
         editor.edit_latents(**{**inputs, "height": 32, "width": 32})
 
 
@@ -201,4 +234,4 @@ def test_concurrent_edits_do_not_share_features(editor, inputs):
     for got, want in zip(results, alone):
         torch.testing.assert_close(got, want)
     assert editor.transformer.attn_processors == dict(editor.transformer.attn_processors)
-    assert not any(isinstance(p, FireFlowAttnProcessor) for p in editor.transformer.attn_processors.values())
+    assert not any(isinstance(p, FluxFeatureProcessor) for p in editor.transformer.attn_processors.values())

@@ -1,11 +1,13 @@
-"""The FLUX adapter and loader on a tiny random pipeline written by fireflow.testing."""
+"""The FLUX.1 family and the loader on a tiny random pipeline written by fireflow.testing."""
 
 import numpy as np
 import pytest
 import torch
 
 from fireflow import FireFlowEditor
-from fireflow.models.flux import ModelNotFoundError, grid_ids, pack, resolve_model_path, unpack
+from fireflow.models import ModelNotFoundError
+from fireflow.models._pipeline import resolve_model_path
+from fireflow.models.flux import FLUX_DEV_SCHEDULER, calculate_mu, grid_ids, pack, unpack
 
 
 def test_pack_unpack_round_trip():
@@ -42,7 +44,8 @@ def test_vae_uses_posterior_mean_with_scale_and_shift(tiny_editor):
 
 
 def test_prompt_encoding_shapes(tiny_editor):
-    embeds, pooled = tiny_editor.adapter.encode_prompt(["a cat", "a dog on grass"])
+    e = tiny_editor.adapter.encode_prompt(["a cat", "a dog on grass"])
+    embeds, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
     assert embeds.shape == (2, 512, 32) and pooled.shape == (2, 32)
     assert (embeds[0] - embeds[1]).abs().max() > 0 and (pooled[0] - pooled[1]).abs().max() > 0
 
@@ -50,6 +53,10 @@ def test_prompt_encoding_shapes(tiny_editor):
 def test_grid_uses_flux_shift(tiny_editor):
     ts = tiny_editor.adapter.timesteps(8, 512, 512)
     assert ts.tolist() == pytest.approx([1, 0.9293, 0.8492, 0.7578, 0.6525, 0.5298, 0.3849, 0.2115, 0], abs=5e-5)
+    cfg = FLUX_DEV_SCHEDULER
+    assert calculate_mu(1024, cfg) == pytest.approx(0.63, abs=1e-3)
+    assert calculate_mu(256, cfg) == pytest.approx(0.5) and calculate_mu(4096, cfg) == pytest.approx(1.15)
+    assert calculate_mu(8192, cfg) == pytest.approx(1.15 + 0.65 / 3840 * 4096)  # extrapolated linearly
 
 
 def test_image_edit_on_real_photo(tiny_editor, boy_jpg):

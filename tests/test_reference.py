@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from fireflow import FireFlowEditor
-from fireflow.testing import tiny_transformer
+from fireflow.models.flux.tiny import tiny_transformer
 
 
 def reference_timesteps(num_steps, image_seq_len):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fireflow.analytic import GaussianMixtureFlow
-from fireflow.schedules import flux_mu, flux_timesteps, linear_timesteps
+from fireflow.schedules import linear_timesteps, shifted_timesteps
 from fireflow.solvers import SOLVERS, nfe, sample
 
 
@@ -39,7 +39,7 @@ def test_nfe_counts(flow, solver, expected, n):
 
 def test_fireflow_call_sequence(flow):
     rec = Recorder(flow)
-    ts = flux_timesteps(4, 1024)
+    ts = shifted_timesteps(4, 0.63)
     sample(rec, torch.zeros(1, flow.dim), ts, "fireflow", call_hook=rec.hook)
     assert [(c.step, c.kind) for c in rec.calls] == [
         (0, "start"),
@@ -56,7 +56,7 @@ def test_fireflow_call_sequence(flow):
 def test_interval_is_direction_free(flow):
     """An inversion step and the denoising step over the same interval report the same interval."""
     fwd, bwd = Recorder(flow), Recorder(flow)
-    ts = flux_timesteps(3, 4096)
+    ts = shifted_timesteps(3, 1.15)
     sample(fwd, torch.zeros(1, flow.dim), ts, "midpoint", call_hook=fwd.hook)
     sample(bwd, torch.zeros(1, flow.dim), ts.flip(0), "midpoint", call_hook=bwd.hook)
     assert {(c.interval, c.kind) for c in fwd.calls} == {(c.interval, c.kind) for c in bwd.calls}
@@ -141,13 +141,10 @@ def test_bad_inputs(flow):
         sample(lambda x, t: x[:, :2], torch.zeros(1, flow.dim), [1.0, 0.0], "euler")
 
 
-def test_flux_schedule_matches_method_example():
+def test_shifted_schedule_matches_the_512_flux_example():
     expected = [1, 0.9293, 0.8492, 0.7578, 0.6525, 0.5298, 0.3849, 0.2115, 0]
-    assert flux_timesteps(8, image_seq_len=1024).tolist() == pytest.approx(expected, abs=5e-5)
-    assert flux_mu(1024) == pytest.approx(0.63, abs=1e-3)
-    assert flux_mu(256) == pytest.approx(0.5) and flux_mu(4096) == pytest.approx(1.15)
-    assert flux_mu(8192) == pytest.approx(1.15 + 0.65 / 3840 * 4096)  # extrapolated linearly
-    assert flux_timesteps(8, shift=False).tolist() == pytest.approx([1 - i / 8 for i in range(9)])
+    assert shifted_timesteps(8, 0.63).tolist() == pytest.approx(expected, abs=5e-5)
+    assert shifted_timesteps(8, 0.0).tolist() == pytest.approx([1 - i / 8 for i in range(9)])
     assert torch.equal(linear_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
 
 

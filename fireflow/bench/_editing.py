@@ -1,6 +1,6 @@
 """The benchmarks' only contact with the editor: loading it and one edit call per image.
 
-The editing and model options are the ``fireflow edit`` ones (``fireflow.cli``), so a benchmark
+The editing and model options are the ``fireflow edit`` ones (``fireflow.settings``), so a benchmark
 run and a single edit take the same flags with the same defaults (the paper's PIE-Bench setting).
 """
 
@@ -27,18 +27,16 @@ class EditFn(Protocol):
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The knobs that change the edits (checked like ``fireflow edit`` does), JSON-ready.
-    ``feature_device`` is left out: it moves memory, not results."""
-    from fireflow.cli import check_edit_options, edit_kwargs
-    from fireflow.editor import parse_blocks
+    """The knobs that change the edits (checked as ``fireflow edit`` checks them), JSON-ready.
+    ``feature_device`` is left out: it moves memory, not results. Unset knobs stay ``None``
+    (the model family's default), block specs stay as written."""
+    from fireflow.settings import settings_from_args as checked
 
-    check_edit_options(args)
-    kw = edit_kwargs(args)
+    s = checked(args)
+    kw = s.as_kwargs()
     kw.pop("feature_device", None)
-    blocks = parse_blocks(kw["blocks"])
-    kw["blocks"] = "all" if blocks is None else list(blocks)
-    kw["double_blocks"] = list(parse_blocks(kw["double_blocks"]) or ())
-    kw["ratios"] = list(kw["ratios"])
+    kw["blocks"] = args.blocks or "default"
+    kw["ratios"] = list(s.ratios)
     return kw
 
 

@@ -21,15 +21,15 @@ import torch
 
 from fireflow._io import atomic_write
 from fireflow.analytic import GaussianMixtureFlow
-from fireflow.schedules import flux_timesteps, linear_timesteps
+from fireflow.schedules import linear_timesteps, shifted_timesteps
 from fireflow.solvers import SOLVERS, nfe, sample
 
 STEPS = (4, 8, 15, 30, 60)
 
 
 def grid(kind: str, n: int) -> torch.Tensor:
-    # "flux": FLUX.1-dev's shifted grid for a 512x512 image (1024 tokens), as editing uses.
-    return flux_timesteps(n, 1024) if kind == "flux" else linear_timesteps(n)
+    # "flux": FLUX.1-dev's shifted grid for a 512x512 image (1024 tokens: mu = 0.5 + 0.65 * 768 / 3840).
+    return shifted_timesteps(n, 0.63) if kind == "flux" else linear_timesteps(n)
 
 
 def reconstruction_error(flow: GaussianMixtureFlow, x0: torch.Tensor, solver: str, ts: torch.Tensor) -> float:

@@ -150,7 +150,9 @@ class Workload:
         self.source, self.target = embeds(1), embeds(1)
         # The bare forward's inputs, built once as the adapter builds them once per pass.
         adapter = editor.adapter
-        cond = adapter.conditioning(*self.source, size, size, 2.0)
+        cond = adapter.conditioning(
+            {"prompt_embeds": self.source[0], "pooled_prompt_embeds": self.source[1]}, size, size, 2.0
+        )
         self.forward_kwargs = dict(
             hidden_states=self.latents.to(dtype),
             encoder_hidden_states=cond.prompt_embeds,

@@ -146,7 +146,8 @@ class Quality:
         self.pixels = torch.from_numpy(self.data.pixels())  # [N, 3, H, W] in [-1, 1]
         self.side = self.pixels.shape[-1]
         self.latents = adapter.encode_image(self.pixels)
-        self.embeds, self.pooled = adapter.encode_prompt(self.data.prompts)
+        e = adapter.encode_prompt(self.data.prompts)
+        self.embeds, self.pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
 
     def _decode01(self, latents: torch.Tensor) -> torch.Tensor:
         return (self.adapter.decode(latents, self.side, self.side).cpu().float() + 1) / 2
@@ -159,7 +160,12 @@ class Quality:
         for s in _batches(n, self.batch_size):
             out.append(
                 self.editor.sample_latents(
-                    noise[s], self.side, self.side, self.embeds[s], self.pooled[s], num_steps=num_steps
+                    noise[s],
+                    self.side,
+                    self.side,
+                    prompt_embeds=self.embeds[s],
+                    pooled_prompt_embeds=self.pooled[s],
+                    num_steps=num_steps,
                 )
             )
         images = self._decode01(torch.cat(out))
@@ -187,9 +193,9 @@ class Quality:
     def reconstruct(self, solver: str, num_steps: int) -> dict:
         n, out = len(self.data), []
         for s in _batches(n, self.batch_size):
-            args = (self.side, self.side, self.embeds[s], self.pooled[s])
-            noise = self.editor.invert_latents(self.latents[s], *args, num_steps=num_steps, solver=solver)
-            out.append(self.editor.sample_latents(noise, *args, num_steps=num_steps, solver=solver))
+            kw = dict(prompt_embeds=self.embeds[s], pooled_prompt_embeds=self.pooled[s], num_steps=num_steps)
+            noise = self.editor.invert_latents(self.latents[s], self.side, self.side, solver=solver, **kw)
+            out.append(self.editor.sample_latents(noise, self.side, self.side, solver=solver, **kw))
         rec = self._decode01(torch.cat(out))
         ref = (self.pixels + 1) / 2
         p, q = psnr(rec, ref), ssim(rec, ref)

@@ -32,7 +32,7 @@ import torch
 from fireflow._io import atomic_write
 from fireflow.demo import data as emoji_data
 from fireflow.models.demo import PATCH, MiniLMEncoder, grid_ids, pack, transformer_config
-from fireflow.schedules import flux_mu
+from fireflow.models.flux import FLUX_DEV_SCHEDULER, calculate_mu
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Trainer:
         self.embeds, self.pooled = embeds.to(device), pooled.to(device)
         self.img_ids = grid_ids(pixels.shape[-2] // PATCH, pixels.shape[-1] // PATCH).to(device)
         self.txt_ids = torch.zeros(self.embeds.shape[1], 3, device=device)
-        self.e_mu = math.exp(flux_mu(self.x0.shape[1]))
+        self.e_mu = math.exp(calculate_mu(self.x0.shape[1], FLUX_DEV_SCHEDULER))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""

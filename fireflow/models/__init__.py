@@ -1,16 +1,38 @@
-"""Model adapters: FLUX.1 through diffusers, and the bundled demo model."""
+"""Model families, one folder each, chosen through one registry.
+
+A new family is a new folder under ``fireflow/models/`` with a :class:`ModelAdapter` subclass
+that has ``from_pipe`` and ``from_pretrained``, plus one line in :data:`FAMILIES`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import torch
 
-from fireflow.models.base import Conditioning, ModelAdapter
-from fireflow.models.flux import FluxAdapter, ModelNotFoundError
+from fireflow.models._pipeline import ModelLoadError, ModelNotFoundError, read_config, resolve_model_path
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter
 
-__all__ = ["Conditioning", "FluxAdapter", "ModelAdapter", "ModelNotFoundError", "load_adapter"]
+__all__ = [
+    "Conditioning",
+    "Embeds",
+    "ModelAdapter",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "adapter_from_pipe",
+    "load_adapter",
+    "parse_device",
+    "parse_dtype",
+]
+
+#: diffusers ``_class_name`` (of a pipeline, or of a bare transformer folder) -> "module:Adapter".
+FAMILIES: dict[str, str] = {
+    "FluxPipeline": "fireflow.models.flux:FluxAdapter",
+    "FluxTransformer2DModel": "fireflow.models.demo:DemoAdapter",  # a folder of demo-model weights
+    "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
+}
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -30,6 +52,41 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device | None, what: str = "device") -> torch.device:
+    """A torch device that exists on this machine, or a one-line error saying what does."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown {what} {str(device)!r}; accepted: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {str(device)!r} asked for, but this machine has no CUDA GPU; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{what} {str(device)!r} asked for, but MPS is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"{what} {str(device)!r} is not supported; accepted: cpu, cuda, cuda:N, mps")
+    return dev
+
+
+def _family(class_name: str, where: str) -> type[ModelAdapter]:
+    target = FAMILIES.get(class_name)
+    if target is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelLoadError(f"{where}: {class_name} is not a supported model; supported: {known}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def adapter_from_pipe(pipe) -> ModelAdapter:
+    """The family adapter for a diffusers pipeline object (weights shared, nothing copied)."""
+    return _family(type(pipe).__name__, "from_pipe").from_pipe(pipe)
+
+
 def load_adapter(
     model: str | os.PathLike = "demo",
     *,
@@ -37,17 +94,18 @@ def load_adapter(
     torch_dtype: str | torch.dtype | None = None,
     offload: str | None = None,
 ) -> ModelAdapter:
-    """``"demo"`` for the bundled model (or a folder of demo-model weights, from ``fireflow.demo.train``);
-    anything else is a FLUX pipeline folder or Hub id.
+    """``"demo"`` for the bundled model, a local diffusers folder, or a Hub id in the HF cache.
 
-    The dtype defaults to bf16 on an accelerator and fp32 on the CPU.
+    The family comes from the folder's ``model_index.json`` ``_class_name`` (or a transformer
+    folder's ``config.json``). The dtype defaults to bf16 on an accelerator and fp32 on the CPU.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(torch_dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    folder = Path(model).expanduser()
-    is_transformer_folder = (folder / "config.json").is_file() and not (folder / "model_index.json").exists()
-    if str(model) == "demo" or is_transformer_folder:  # the bundled weights, or a demo model trained anew
+    dev = parse_device(device)
+    dtype = parse_dtype(torch_dtype) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    if str(model) == "demo":
         from fireflow.models.demo import DemoAdapter
 
-        return DemoAdapter.from_pretrained(None if str(model) == "demo" else folder, device=device, torch_dtype=dtype)
-    return FluxAdapter.from_pretrained(model, device=device, torch_dtype=dtype, offload=offload)
+        return DemoAdapter.from_pretrained(None, device=dev, torch_dtype=dtype)
+    folder = resolve_model_path(model)
+    _, config = read_config(Path(folder))
+    family = _family(config["_class_name"], str(folder))
+    return family.from_pretrained(folder, device=dev, torch_dtype=dtype, offload=offload)

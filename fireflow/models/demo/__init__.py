@@ -9,17 +9,24 @@ embedding is the pooled vector. There is no autoencoder: an image is cut into 4x
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from fireflow.image import to_rgb
-from fireflow.models.base import ModelAdapter
+from fireflow.models import flux
+from fireflow.models.base import Embeds
+from fireflow.models.flux import FluxAdapter, grid_ids
 
-WEIGHTS_DIR = Path(__file__).with_name("demo_weights")
+__all__ = ["DemoAdapter", "MiniLMEncoder", "grid_ids", "pack", "transformer_config", "unpack"]
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
 #: The side the demo model was trained at; every input image is resized to it.
 RESOLUTION = 32
 #: Pixels per patch side: a token holds ``3 * PATCH**2`` channels.
@@ -55,30 +62,13 @@ def transformer_config(
 
 
 def pack(pixels: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]``: row-major tokens, channels then patch offsets."""
-    b, c, h, w = pixels.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image {w}x{h} is not a multiple of the {patch}-pixel patch")
-    x = pixels.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+    """``[B, 3, H, W]`` pixels -> ``[B, (H/4)(W/4), 48]`` tokens: FLUX.1's packing, 4-pixel patches."""
+    return flux.pack(pixels, patch)
 
 
 def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = PATCH) -> torch.Tensor:
     """The inverse of :func:`pack`."""
-    b, n, d = tokens.shape
-    hp, wp, c = height // patch, width // patch, d // (patch * patch)
-    if n != hp * wp:
-        raise ValueError(f"{n} tokens do not make a {width}x{height} image of {patch}-pixel patches")
-    x = tokens.reshape(b, hp, wp, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
-
-
-def grid_ids(rows: int, cols: int) -> torch.Tensor:
-    """FLUX-style positional ids ``[rows * cols, 3]``: (0, row, column)."""
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3)
+    return flux.unpack(tokens, height, width, patch)
 
 
 class MiniLMEncoder:
@@ -137,25 +127,25 @@ class MiniLMEncoder:
         return embeds, pooled
 
 
-class DemoAdapter(ModelAdapter):
-    """The bundled emoji model as the editor's model: pixel space, 32x32, MiniLM text."""
+class DemoAdapter(FluxAdapter):
+    """The bundled emoji model as the editor's model: pixel space, 32x32, MiniLM text.
+
+    A FLUX.1 transformer, so the FLUX.1 family's processors, conditioning and time grid (FLUX.1-dev's
+    scheduler config, shifted for its 64 tokens: mu about 0.47, as it was trained) serve it unchanged.
+    """
 
     name = "demo"
     resolution = RESOLUTION
     default_size = RESOLUTION
-    #: Trained with the FLUX-shifted time distribution at its 64 tokens (mu about 0.47).
-    shift = True
+    generate_guidance = 1.0
 
     def __init__(self, transformer: torch.nn.Module, text_encoder: MiniLMEncoder | None = None):
         super().__init__(transformer)
         self.text_encoder = text_encoder or MiniLMEncoder(device=self.device)
-        self.patch = PATCH
-
-    @property
-    def size_note(self) -> str:
-        """What front ends print: every input is resized to the model's resolution."""
+        self.multiple = PATCH
         r = self.resolution
-        return f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"
+        #: What front ends print: every input is resized to the model's resolution.
+        self.size_note = f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"
 
     @classmethod
     def from_pretrained(
@@ -163,6 +153,7 @@ class DemoAdapter(ModelAdapter):
         path: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32,
+        offload: str | None = None,
     ) -> DemoAdapter:
         """Load the transformer saved with ``save_pretrained`` (default: the bundled weights)."""
         from diffusers import FluxTransformer2DModel
@@ -174,16 +165,26 @@ class DemoAdapter(ModelAdapter):
         transformer = transformer.to(device).eval().requires_grad_(False)
         return cls(transformer, MiniLMEncoder(device=device))
 
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def running(self) -> contextlib.AbstractContextManager:
+        """One CPU thread while demo-model passes run (restored afterwards): its matrices are
+        tiny, and extra OpenMP threads only wait at barriers, 5-30x slower on a busy machine."""
+        return _one_cpu_thread() if self.device.type == "cpu" else contextlib.nullcontext()
+
+    def check_size(self, height: int, width: int) -> None:
+        r = self.resolution
+        if (height, width) != (r, r):
+            raise ValueError(f"size {width}x{height} is not accepted; the demo model makes {r}x{r} images only")
+
+    def encode_prompt(self, prompts: list[str]) -> Embeds:
         embeds, pooled = self.text_encoder(prompts)
         device = self.execution_device
-        return embeds.to(device), pooled.to(device)
+        return {"prompt_embeds": embeds.to(device), "pooled_prompt_embeds": pooled.to(device)}
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pack(pixels.float(), self.patch).to(self.execution_device)
+        return pack(pixels.float(), PATCH).to(self.execution_device)
 
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return unpack(latents.float(), height, width, self.patch).clamp(-1, 1)
+        return unpack(latents.float(), height, width, PATCH).clamp(-1, 1)
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then pad to a square on white and resize to 32x32, as the training
@@ -199,5 +200,26 @@ class DemoAdapter(ModelAdapter):
         square.paste(image, ((side - w) // 2, (side - h) // 2))
         return square.resize((self.resolution, self.resolution), Image.Resampling.LANCZOS)
 
-    def image_ids(self, height: int, width: int) -> torch.Tensor:
-        return grid_ids(height // self.patch, width // self.patch)
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """torch's intra-op thread count is per process: count the passes in flight, so overlapping
+    edits restore the caller's setting once, when the last one ends."""
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)

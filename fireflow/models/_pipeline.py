@@ -1,0 +1,159 @@
+"""What every diffusers-pipeline family shares: finding the folder, loading it with one-line
+errors, offloading, and the time grid read from the pipeline's own scheduler config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local folder nor in the Hugging Face cache (and may not be fetched)."""
+
+
+class ModelLoadError(ValueError):
+    """A model folder that exists but cannot be loaded (corrupt config, missing weights, ...)."""
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local model folder for ``model``: the folder itself, or a snapshot in the HF cache.
+
+    Only when ``HF_HUB_OFFLINE`` is unset and the cache misses is the Hub asked, so an offline
+    machine fails at once with a message naming where it looked instead of hanging.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is a folder but not a diffusers model (no model_index.json or config.json)"
+            )
+        return path
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise ModelNotFoundError(f"model {str(model)!r} not found: no such folder, and not a Hub repo id")
+    looked = f"not a local folder, not in the Hugging Face cache at {constants.HF_HUB_CACHE}"
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except (OSError, HFValidationError, ValueError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"model {str(model)!r} not found: {looked}, and HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # network, auth (gated repo) or missing repo: one clear line
+        raise ModelNotFoundError(f"model {str(model)!r} not found: {looked}; download failed: {e}") from None
+
+
+def read_config(folder: Path) -> tuple[str, dict[str, Any]]:
+    """``("pipeline" | "transformer", config)`` of a model folder, with one-line errors."""
+    for kind, name in (("pipeline", "model_index.json"), ("transformer", "config.json")):
+        file = folder / name
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{file} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+            if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+                raise ModelLoadError(f"{file} has no '_class_name': not a diffusers {kind} config")
+            return kind, config
+    raise ModelNotFoundError(f"{folder} has no model_index.json or config.json")
+
+
+def load_pipeline(pipeline_cls: type, folder: Path, torch_dtype: torch.dtype):
+    """``pipeline_cls.from_pretrained(folder)`` from local files only, errors in one line."""
+    _check_components(folder)
+    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        try:
+            return pipeline_cls.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load the model in {folder}: {first}") from None
+
+
+def _check_components(folder: Path) -> None:
+    """Each component folder named in model_index.json exists and holds weights or a config."""
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise ModelLoadError(f"{folder} lacks its {name!r} folder, which model_index.json lists")
+        if name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            weights = list(sub.glob("*.safetensors")) + list(sub.glob("*.bin")) + list(sub.glob("*.gguf"))
+            if not weights:
+                raise ModelLoadError(f"{sub} has no weights (*.safetensors or *.bin)")
+
+
+def place(pipe, device: torch.device, offload: str | None) -> None:
+    """Put a pipeline on ``device``, or offload it.
+
+    ``offload``: None (all on ``device``), ``"model"`` (one component on the GPU at a time),
+    ``"group"`` (each component streamed block by block, prefetched on a side CUDA stream) or
+    ``"sequential"`` (leaf by leaf: least memory, slowest).
+    """
+    if offload is None:
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "group":
+        kwargs = {"num_blocks_per_group": 1, "use_stream": device.type == "cuda"}
+        pipe.enable_group_offload(onload_device=device, offload_type="block_level", **kwargs)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise ValueError(f"unknown offload {offload!r}; accepted: model, group, sequential")
+
+
+def scheduler_sigmas(config: dict[str, Any], **set_timesteps_kwargs) -> torch.Tensor:
+    """The sigmas (1 -> 0, terminal 0 included) a flow-matching scheduler with ``config`` makes
+    for ``set_timesteps(**set_timesteps_kwargs)``: exactly the pipeline's grid, as float64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with _quiet_diffusers():  # from_config warns about keys of other scheduler classes
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(config))
+    scheduler.set_timesteps(**set_timesteps_kwargs)
+    return scheduler.sigmas.to(torch.float64)
+
+
+def scheduler_config(pipe) -> dict[str, Any]:
+    """The pipeline's scheduler config as a plain dict (a FireFlowScheduler's, too)."""
+    return dict(pipe.scheduler.config)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_truncation() -> Iterator[None]:
+    """Silence the tokenizers' and pipelines' per-prompt truncation warnings: a long prompt is
+    truncated as documented, and one warning line per 77-token chunk helps nobody."""
+    names = ("diffusers", "transformers")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,232 @@
+"""FLUX.1 through diffusers' ``FluxPipeline``: VAE posterior mean, 2x2 packing into 64-channel
+tokens, CLIP pooled + T5 text, embedded guidance, V reuse in the single-stream blocks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fireflow.features import BlockId
+from fireflow.models._pipeline import load_pipeline, place, quiet_truncation, scheduler_config, scheduler_sigmas
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
+from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
+
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+PIPELINES = ("FluxPipeline",)
+TRANSFORMERS = ("FluxTransformer2DModel",)
+
+#: FLUX.1-dev's scheduler config: what a bare transformer is given when no pipeline comes with it.
+FLUX_DEV_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+def calculate_mu(image_seq_len: int, config: dict[str, Any]) -> float:
+    """FLUX's resolution-dependent shift: linear in the packed image-token count, extrapolated,
+    with the constants of the pipeline's scheduler config."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (image_seq_len - base_len)
+
+
+@dataclass
+class FluxConditioning(Conditioning):
+    prompt_embeds: torch.Tensor | None = None  # [B, S, D] T5 tokens
+    pooled_prompt_embeds: torch.Tensor | None = None  # [B, P] CLIP pooled
+    txt_ids: torch.Tensor | None = None  # [S, 3]
+    img_ids: torch.Tensor | None = None  # [L, 3]
+    guidance: float | None = None  # the distilled guidance input; None for models without one
+
+
+class FluxAdapter(ModelAdapter):
+    """FLUX.1 (or any diffusers ``FluxPipeline``) as the editor's model. Latents are packed
+    tokens ``[B, L, 64]``, as ``FluxPipeline(latents=...)`` takes them."""
+
+    name: ClassVar[str] = "flux"
+    embed_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_prompt_embeds")
+    guidance_kind: ClassVar[str] = "embedded"
+    #: The paper's PIE-Bench setting (its reference README): V replaced in all single blocks.
+    defaults: ClassVar[dict[str, Any]] = {"blocks": "single:all"}
+    generate_guidance: ClassVar[float] = 3.5
+    attention_logger: ClassVar[str | None] = "diffusers.models.transformers.transformer_flux"
+
+    def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
+        super().__init__(transformer, flux_layers(transformer))
+        self.pipe = pipe
+        self.scheduler_config = dict(scheduler or (scheduler_config(pipe) if pipe is not None else FLUX_DEV_SCHEDULER))
+        vae = getattr(pipe, "vae", None)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        #: Pixels per token side: the VAE's downsampling times the 2x2 packing.
+        self.multiple = self.vae_scale_factor * 2
+        if not transformer.config.guidance_embeds:
+            self.guidance_kind = "none"
+
+    @classmethod
+    def from_pipe(cls, pipe) -> FluxAdapter:
+        return cls(pipe.transformer, pipe)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        device: torch.device,
+        torch_dtype: torch.dtype,
+        offload: str | None = None,
+    ) -> FluxAdapter:
+        """Load a ``FluxPipeline`` folder (see :func:`fireflow.models.load_adapter`)."""
+        from diffusers import FluxPipeline
+
+        pipe = load_pipeline(FluxPipeline, folder, torch_dtype)
+        place(pipe, device, offload)
+        return cls.from_pipe(pipe)
+
+    # ---- attention -------------------------------------------------------------------------
+    def make_processor(self, block: BlockId, current: object) -> FluxFeatureProcessor:
+        proc = FluxFeatureProcessor(block)
+        proc._attention_backend = getattr(current, "_attention_backend", None)
+        return proc
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def execution_device(self) -> torch.device:
+        if self.pipe is not None:
+            return self.pipe._execution_device
+        return super().execution_device
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
+
+    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        cells = grid_token_mask(mask, height // self.multiple, width // self.multiple)
+        return cells.reshape(-1, 1)  # [L, 1] against [L, C] tokens
+
+    def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
+        """Resize if asked, then crop top-left to a multiple of 16 as the reference code does."""
+        if resize is not None:
+            image = image.resize(resize, Image.Resampling.LANCZOS)
+        w, h = image.size
+        m = self.multiple
+        if w < m or h < m:
+            raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
+        return image.crop((0, 0, w - w % m, h - h % m))
+
+    # ---- text and images -----------------------------------------------------------------------
+    def _need_pipe(self, what: str):
+        if self.pipe is None or getattr(self.pipe, "vae", None) is None and what == "vae":
+            raise RuntimeError(f"this editor has no {what}: use the *_latents methods with embeddings")
+        return self.pipe
+
+    def encode_prompt(self, prompts: list[str]) -> Embeds:
+        pipe = self._need_pipe("text encoders")
+        with quiet_truncation():
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                prompts, prompt_2=None, device=self.execution_device, max_sequence_length=512
+            )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self._need_pipe("vae").vae
+        x = pixels.to(self.execution_device, vae.dtype)
+        latents = vae.encode(x).latent_dist.mean  # the posterior mean: deterministic
+        latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
+        return pack(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        vae = self._need_pipe("vae").vae
+        f = self.vae_scale_factor
+        z = unpack(latents, height // f, width // f)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(z.to(vae.dtype)).sample.float()
+
+    # ---- time and the velocity -----------------------------------------------------------------
+    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """``FluxPipeline``'s grid: ``sigmas = linspace(1, 1/N, N)`` shifted by ``mu(L)`` (or the
+        static ``shift`` where the config turns dynamic shifting off, as FLUX.1-schnell's does)."""
+        cfg = self.scheduler_config
+        seq_len = (height // self.multiple) * (width // self.multiple)
+        mu = calculate_mu(seq_len, cfg)
+        if cfg.get("use_flow_sigmas"):  # FluxPipeline leaves the sigmas to such a scheduler
+            return scheduler_sigmas(cfg, num_inference_steps=num_steps, mu=mu)
+        return scheduler_sigmas(cfg, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def conditioning(self, embeds: Embeds, height: int, width: int, guidance: float) -> FluxConditioning:
+        device, dtype = self.execution_device, self.dtype  # each walks the model's modules: once
+        prompt_embeds = embeds["prompt_embeds"].to(device, dtype)
+        pooled = embeds.get("pooled_prompt_embeds")
+        if pooled is None:
+            raise ValueError("FLUX.1 needs pooled_prompt_embeds (the CLIP pooled vector)")
+        return FluxConditioning(
+            height,
+            width,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled.to(device, dtype),
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=grid_ids(height // self.multiple, width // self.multiple).to(device, dtype),
+            guidance=guidance if self.transformer.config.guidance_embeds else None,
+        )
+
+    def velocity(
+        self, latents: torch.Tensor, t: float, cond: FluxConditioning, attention_kwargs: dict | None = None
+    ) -> torch.Tensor:
+        """One transformer call. Casts the fp32 state to the model dtype at the boundary; the
+        solver casts the result back. The transformer scales ``t`` and the guidance by 1000 itself."""
+        b = latents.shape[0]
+        device = latents.device
+        # Built on the device from Python floats: a fill kernel, no host-to-device copy or sync.
+        timestep = torch.full((b,), t, device=device, dtype=torch.float32)
+        guidance = None
+        if cond.guidance is not None:
+            guidance = torch.full((b,), cond.guidance, device=device, dtype=torch.float32)
+        with self.eager_if(attention_kwargs):
+            return self.transformer(
+                hidden_states=latents.to(cond.prompt_embeds.dtype),
+                encoder_hidden_states=batch_to(cond.prompt_embeds, b),
+                pooled_projections=batch_to(cond.pooled_prompt_embeds, b),
+                timestep=timestep,
+                img_ids=cond.img_ids,
+                txt_ids=cond.txt_ids,
+                guidance=guidance,
+                joint_attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+
+
+def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]`` tokens, row-major, channels then patch offsets."""
+    b, c, h, w = latents.shape
+    if h % patch or w % patch:
+        raise ValueError(f"a {w}x{h} grid is not a multiple of the {patch}-cell patch")
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of :func:`pack` for a ``height`` x ``width`` latent (or pixel) grid."""
+    b, n, d = tokens.shape
+    hp, wp, c = height // patch, width // patch, d // (patch * patch)
+    if n != hp * wp:
+        raise ValueError(f"{n} tokens do not make a {width}x{height} grid of {patch}-cell patches")
+    x = tokens.reshape(b, hp, wp, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def grid_ids(rows: int, cols: int) -> torch.Tensor:
+    """FLUX image position ids ``[rows * cols, 3]``: (0, row, col) per token."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
