@@ -31,11 +31,10 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from PIL import Image
 
 from fireflow import FireFlowEditor, solvers
-from fireflow.models.flux import FluxAdapter
+from fireflow.models.flux.tiny import tiny_flux_pipeline
 from fireflow.scheduler import FireFlowScheduler, UnsupportedPipelineError
-from fireflow.testing import tiny_flux_pipeline
 
-#: FLUX.1-dev's scheduler config (resolution-dependent shift), which the editor's FLUX grid follows.
+#: FLUX.1-dev's scheduler config (resolution-dependent shift).
 FLUX_DEV = dict(
     shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
 )
@@ -73,8 +72,9 @@ def quiet(pipe):
 # ---- tiny pipelines -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def flux():
-    pipe = tiny_flux_pipeline()
-    pipe.scheduler = FireFlowScheduler.from_config(FlowMatchEulerDiscreteScheduler(**FLUX_DEV).config)
+    pipe = tiny_flux_pipeline()  # FLUX.1-dev's scheduler config
+    assert {k: pipe.scheduler.config[k] for k in FLUX_DEV} == FLUX_DEV
+    pipe.scheduler = FireFlowScheduler.from_config(pipe.scheduler.config)  # the one line a user writes
     return pipe
 
 
@@ -204,20 +204,19 @@ def _euler_grid(pipe, n: int, **kwargs) -> torch.Tensor:
 # ---- equality with fireflow's own sampling --------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 4])
 def test_flux_pipeline_equals_editor(flux, n):
-    editor = FireFlowEditor(FluxAdapter(flux))
-    embeds, pooled = editor.adapter.encode_prompt(["a red cat", "a dog"])
+    editor = FireFlowEditor.from_pipe(flux)
+    embeds = editor.adapter.encode_prompt(["a red cat", "a dog"])
     noise = _randn(2, (SIDE // 16) ** 2, 16)
     steps = []
 
     def on_step(pipe, i, t, kw):
-        steps.append((i, float(t), kw["latents"].dtype))
+        steps.append((i, float(t)))
         return {}
 
     bars = quiet(flux)
     with counted(flux.transformer) as calls:
         out = flux(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
+            **embeds,
             latents=noise,
             height=SIDE,
             width=SIDE,
@@ -227,22 +226,22 @@ def test_flux_pipeline_equals_editor(flux, n):
             callback_on_step_end=on_step,
         ).images
     assert calls[0] == n + 1
-    assert [i for i, _, _ in steps] == list(range(n + 1))
-    assert [t for _, t, _ in steps] == pytest.approx(flux.scheduler.timesteps.tolist())
+    assert [i for i, _ in steps] == list(range(n + 1))
+    assert [t for _, t in steps] == pytest.approx(flux.scheduler.timesteps.tolist())
     assert bars[-1].n == bars[-1].total == n + 1
     with counted(flux.transformer) as calls:
-        ref = editor.sample_latents(noise, SIDE, SIDE, embeds, pooled, num_steps=n, guidance=3.5, solver="fireflow")
+        ref = editor.sample_latents(noise, SIDE, SIDE, num_steps=n, guidance=3.5, solver="fireflow", **embeds)
     assert calls[0] == n + 1
     assert rel(out, ref) <= 1e-5
-    euler = editor.sample_latents(noise, SIDE, SIDE, embeds, pooled, num_steps=n, guidance=3.5, solver="euler")
+    euler = editor.sample_latents(noise, SIDE, SIDE, num_steps=n, guidance=3.5, solver="euler", **embeds)
     assert rel(out, euler) > 1e-3  # the comparison can tell the solvers apart
     # The editor's grid is the pipeline's step grid (FLUX.1-dev shift at this size).
     grid = editor.adapter.timesteps(n, SIDE, SIDE)
-    torch.testing.assert_close(flux.scheduler.step_sigmas.double(), grid, atol=1e-6, rtol=0)
+    torch.testing.assert_close(flux.scheduler.step_sigmas.double(), grid, atol=1e-7, rtol=0)
 
 
 def test_flux_generate_equals_pipeline_from_its_prompt(flux):
-    editor = FireFlowEditor(FluxAdapter(flux))
+    editor = FireFlowEditor.from_pipe(flux)
     gen = editor.generate("a red cat", height=SIDE, width=SIDE, num_steps=3, guidance=3.5, seed=3)
     noise = _randn(1, (SIDE // 16) ** 2, 16, seed=3)
     quiet(flux)
@@ -375,11 +374,11 @@ def test_scheduler_loop_equals_solver_and_keeps_fp32_state():
 
 def test_callback_changes_to_latents_reach_the_state(flux):
     """A callback returning a copy changes nothing; one that edits the latents moves the ODE state."""
-    adapter = FluxAdapter(flux)
-    embeds, pooled = adapter.encode_prompt(["a cat"])
+    adapter = FireFlowEditor.from_pipe(flux).adapter
+    embeds = adapter.encode_prompt(["a cat"])
     noise = _randn(1, (SIDE // 16) ** 2, 16)
     quiet(flux)
-    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=SIDE, width=SIDE, num_inference_steps=3)
+    kw = dict(**embeds, height=SIDE, width=SIDE, num_inference_steps=3)
     kw.update(output_type="latent", guidance_scale=3.5)
     plain = flux(latents=noise, **kw).images
     copied = flux(latents=noise, callback_on_step_end=lambda p, i, t, k: {"latents": k["latents"].clone()}, **kw)
@@ -391,7 +390,7 @@ def test_callback_changes_to_latents_reach_the_state(flux):
 
     nudged = flux(latents=noise, callback_on_step_end=nudge, **kw).images
     # Expected: FireFlow from x_0 + delta whose first (start) velocity is the one taken at x_0.
-    cond = adapter.conditioning(embeds, pooled, SIDE, SIDE, 3.5)
+    cond = adapter.conditioning(embeds, SIDE, SIDE, 3.5)
     with torch.no_grad():
         v0 = adapter.velocity(noise, 1.0, cond).float()
         calls = []
@@ -450,8 +449,8 @@ def _image():
 
 
 def test_img2img_and_inpainting_are_refused_before_wrong_output(flux, sd3):
-    embeds, pooled = FluxAdapter(flux).encode_prompt(["a cat"])
-    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=SIDE, width=SIDE, num_inference_steps=4)
+    embeds = FireFlowEditor.from_pipe(flux).adapter.encode_prompt(["a cat"])
+    kw = dict(**embeds, height=SIDE, width=SIDE, num_inference_steps=4)
     img2img = FluxImg2ImgPipeline.from_pipe(flux)
     quiet(img2img)
     with counted(flux.transformer) as calls, pytest.raises(UnsupportedPipelineError, match="strength < 1"):
@@ -474,8 +473,8 @@ def test_img2img_and_inpainting_are_refused_before_wrong_output(flux, sd3):
 
 def test_img2img_at_strength_one_is_text_to_image(flux):
     """strength=1 starts from pure noise at the first call: served, and equal to FluxPipeline's output."""
-    embeds, pooled = FluxAdapter(flux).encode_prompt(["a cat"])
-    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=SIDE, width=SIDE, num_inference_steps=3)
+    embeds = FireFlowEditor.from_pipe(flux).adapter.encode_prompt(["a cat"])
+    kw = dict(**embeds, height=SIDE, width=SIDE, num_inference_steps=3)
     kw.update(output_type="latent", guidance_scale=3.5)  # the two pipelines default to different guidance
     img2img = FluxImg2ImgPipeline.from_pipe(flux)
     quiet(img2img)

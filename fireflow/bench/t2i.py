@@ -61,14 +61,12 @@ class _Demo:
         # Evenly spread over the set, so every family is represented.
         self.index = torch.linspace(0, n - 1, num_prompts).round().long()
         self.prompts = [data.prompts[i] for i in self.index.tolist()]
-        self.embeds, self.pooled = self.adapter.encode_prompt(self.prompts)
-        shape = (num_prompts, self.adapter.seq_len(SIDE, SIDE), self.adapter.latent_channels)
+        self.embeds = self.adapter.encode_prompt(self.prompts)  # prompt_embeds, pooled_prompt_embeds
+        shape = (num_prompts, *self.adapter.latent_shape(SIDE, SIDE))
         self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
     def sample(self, solver: str, steps: int) -> torch.Tensor:
-        return self.editor.sample_latents(
-            self.noise, SIDE, SIDE, self.embeds, self.pooled, num_steps=steps, solver=solver
-        ).float()
+        return self.editor.sample_latents(self.noise, SIDE, SIDE, num_steps=steps, solver=solver, **self.embeds).float()
 
     def images(self, latents: torch.Tensor) -> torch.Tensor:
         return (self.adapter.decode(latents, SIDE, SIDE).float() + 1) / 2
@@ -83,14 +81,13 @@ class _Demo:
 
 def scheduler_check(demo: _Demo, steps: int) -> float:
     """Max relative difference between FireFlowScheduler in diffusers' FluxPipeline (around the demo
-    transformer, FLUX.1-dev's shift config) and the editor's FireFlow sampling, over the prompts."""
+    transformer, with the scheduler config the editor's grid comes from) and the editor's FireFlow
+    sampling, over the prompts."""
     from diffusers import FluxPipeline
 
     from fireflow.scheduler import FireFlowScheduler
 
-    scheduler = FireFlowScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256
-    )
+    scheduler = FireFlowScheduler.from_config(demo.adapter.scheduler_config)
     none = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
     pipe = FluxPipeline(scheduler=scheduler, transformer=demo.adapter.transformer, **none)
     pipe.set_progress_bar_config(disable=True)
@@ -98,8 +95,7 @@ def scheduler_check(demo: _Demo, steps: int) -> float:
     # 128 "pixels" give the demo's 8x8 token grid with FLUX's (0, row, column) ids.
     tokens = int(demo.noise.shape[1] ** 0.5)
     out = pipe(
-        prompt_embeds=demo.embeds,
-        pooled_prompt_embeds=demo.pooled,
+        **demo.embeds,
         latents=demo.noise,
         height=16 * tokens,
         width=16 * tokens,
