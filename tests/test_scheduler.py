@@ -149,7 +149,7 @@ def _velocity(pipe, embeds: dict, guidance: float, latent_ids=None):
     """``v(x, t)`` of ``pipe``'s transformer as the pipeline evaluates it (t in [0, 1]).
 
     SD3: true CFG on a [negative, positive] batch, timestep t x 1000. FLUX.2 dev: embedded guidance.
-    FLUX.2 klein base: true CFG with two forwards. (To be replaced by
+    FLUX.2 klein base: true CFG with two forwards; klein distilled: one plain forward. (To be replaced by
     ``FireFlowEditor.from_pipe(pipe).sample_latents`` when those adapters exist.)
     """
     tr = pipe.transformer
@@ -185,6 +185,8 @@ def _velocity(pipe, embeds: dict, guidance: float, latent_ids=None):
 
     if tr.config.guidance_embeds:  # FLUX.2 dev
         return lambda x, t: flux2(x, t, embeds["prompt_embeds"], full(x, guidance))
+    if pipe.config.is_distilled:  # klein distilled: no guidance at all
+        return lambda x, t: flux2(x, t, embeds["prompt_embeds"], None)
 
     def klein(x, t):
         cond = flux2(x, t, embeds["prompt_embeds"], None)
@@ -302,7 +304,10 @@ def test_flux2_dev_pipeline_equals_fireflow_sampling(flux2):
     assert rel(out, ref) <= 1e-5
 
 
-def test_flux2_klein_base_pipeline_equals_fireflow_sampling(klein):
+@pytest.mark.parametrize("distilled", [False, True])
+def test_flux2_klein_pipeline_equals_fireflow_sampling(klein, distilled):
+    if distilled:  # the same weights as a distilled klein: one forward per call, no CFG
+        klein = Flux2KleinPipeline(**klein.components, is_distilled=True)
     n, g = 3, 4.0
     embeds = dict(prompt_embeds=_randn(1, 6, 24, seed=1), negative_prompt_embeds=_randn(1, 6, 24, seed=2))
     noise = _randn(1, 16, SIDE // 16, SIDE // 16)
@@ -324,7 +329,7 @@ def test_flux2_klein_base_pipeline_equals_fireflow_sampling(klein):
             output_type="latent",
             callback_on_step_end=keep,
         )
-    assert calls[0] == 2 * (n + 1)  # true CFG: two forwards per call
+    assert calls[0] == (1 if distilled else 2) * (n + 1)  # klein base: true CFG, two forwards per call
     assert sorted(final) == list(range(n + 1)) and bars[-1].n == bars[-1].total == n + 1
     packed, ids = klein._pack_latents(noise), klein._prepare_latent_ids(noise)
     mu = compute_empirical_mu(packed.shape[1], n)
