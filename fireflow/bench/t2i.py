@@ -241,19 +241,28 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     from fireflow._io import atomic_write
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4))
     for solver, style in (("euler", "s-"), ("midpoint", "^-"), ("fireflow", "o-")):
         rows = sorted((r for r in result["rows"] if r["solver"] == solver), key=lambda r: r["nfe"])
         x = [r["nfe"] for r in rows]
         ax1.loglog(x, [r["error"] for r in rows], style, label=solver)
-        ax2.semilogx(x, [100 * r["top1"] for r in rows], style, label=solver)
-    ax2.axhline(100 * result["reference"]["top1"], color="grey", ls=":", label="256-step reference")
+        ax2.semilogx(x, [r["psnr"] for r in rows], style, label=solver)
+        ax3.semilogx(x, [100 * r["top1"] for r in rows], style, label=solver)
+    ax3.axhline(100 * result["reference"]["top1"], color="grey", ls=":", label="256-step reference")
     ax1.set_ylabel("relative error vs 256-step reference")
-    ax2.set_ylabel("prompt fidelity top-1 (%)")
-    for ax in (ax1, ax2):
+    ax2.set_ylabel("PSNR vs reference image (dB)")
+    ax3.set_ylabel("prompt fidelity top-1 (%)")
+    ax3.set_ylim(0, 105)
+    ticks = sorted({g["n"] for g in result["groups"]} | {2 * g["n"] for g in result["groups"]})
+    for ax in (ax1, ax2, ax3):
         ax.set_xlabel("model calls (NFE)")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"Text-to-image on the demo model ({result['num_prompts']} prompts, same noise)")
