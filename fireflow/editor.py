@@ -77,10 +77,9 @@ class FireFlowEditor:
         if (adapter is None) == (transformer is None):
             raise ValueError("pass exactly one of adapter= or transformer=")
         if adapter is None:
-            from fireflow.models.flux import FluxAdapter
+            from fireflow.models import adapter_from_transformer
 
-            # A bare transformer: the latent-level API only, with FLUX.1-dev's grid.
-            adapter = FluxAdapter(transformer)
+            adapter = adapter_from_transformer(transformer)  # the latent-level API only
         self.adapter = adapter
 
     @classmethod

@@ -187,3 +187,12 @@ def test_bad_option_types_exit_nonzero(image, capsys):
     with pytest.raises(SystemExit) as e:
         main(["edit", str(image), "-s", "a", "-t", "b", "--resize", "big"])
     assert e.value.code == 2 and "bad size 'big'" in capsys.readouterr().err
+
+
+def test_long_prompt_is_truncated_quietly(image, tmp_path, tiny_flux_dir, capfd):
+    prompt = " ".join(["word"] * 10_000)
+    out = tmp_path / "long.png"
+    code = main(["edit", str(image), "-s", prompt, "-t", "a red square", "--model", str(tiny_flux_dir), "-o", str(out)])
+    err = capfd.readouterr().err
+    assert code == 0 and out.is_file()
+    assert "truncated" not in err and len(err) < 5_000  # was 800 KB of warnings

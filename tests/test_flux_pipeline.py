@@ -110,3 +110,70 @@ def test_loads_from_hf_cache_layout(tiny_flux_dir, tmp_path, monkeypatch):
     assert resolve_model_path("acme/tiny-flux") == snap
     editor = FireFlowEditor.from_pretrained("acme/tiny-flux", device="cpu")
     assert editor.model_name == "flux" and editor.transformer.config.num_single_layers == 2
+
+
+@pytest.mark.parametrize("schnell", [False, True], ids=["dev-config", "schnell-config"])
+def test_euler_sampling_equals_flux_pipeline(schnell):
+    """The ground truth: FluxPipeline(output_type="latent") with the same weights, noise and
+    embeddings. The schnell config (no dynamic shifting, shift 1) sits in a folder not named so."""
+    from fireflow.models.flux.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=0, schnell=schnell)
+    editor = FireFlowEditor.from_pipe(pipe)
+    pe, pooled, _ = pipe.encode_prompt("a cat", prompt_2=None, device="cpu", max_sequence_length=64)
+    noise = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(3))  # 48x64 pixels
+    ref = pipe(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        latents=noise.clone(),
+        height=48,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=3.5,
+        output_type="latent",
+    ).images
+    ours = editor.sample_latents(
+        noise, 48, 64, num_steps=6, guidance=3.5, solver="euler", prompt_embeds=pe, pooled_prompt_embeds=pooled
+    )
+    assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5
+    linear = [1 - i / 6 for i in range(7)]
+    grid = editor.adapter.timesteps(6, 48, 64).tolist()
+    assert (grid == pytest.approx(linear, abs=1e-6)) == schnell  # schnell: unshifted; dev: shifted
+
+
+def test_mask_keeps_source_latents_and_pixels(tiny_editor):
+    img = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), bool)
+    mask[:20, :24] = True  # covers tokens (0..1, 0..1): rows 0-31 of pixels are 2 token rows
+    out = tiny_editor.edit(img, "noise", "a red cat", mask=mask, num_steps=4)
+    src = tiny_editor.adapter.encode_image(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    token_mask = tiny_editor.adapter.token_mask(mask, 48, 64)
+    assert token_mask.shape == (12, 1) and token_mask[:, 0].tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    keep = token_mask[:, 0] == 0
+    assert torch.equal(out.latents[0, keep], src[0, keep])
+    assert (out.latents[0, ~keep] - src[0, ~keep]).abs().max() > 1e-3
+    assert out.nfe == 10  # no extra model calls
+    pasted = tiny_editor.edit(img, "noise", "a red cat", mask=mask, paste_pixels=True, num_steps=4)
+    got = np.asarray(pasted.image)
+    assert np.array_equal(got[~mask], img[~mask])
+    assert np.abs(got[mask].astype(int) - img[mask]).max() > 0
+    # Masks of another size are resized; bad ones are one clear error.
+    small = tiny_editor.edit(img, "noise", "a red cat", mask=mask[::4, ::4], num_steps=4)
+    assert torch.equal(small.latents, out.latents)
+    for bad, message in [
+        (np.zeros((48, 64), bool), "mask selects nothing"),
+        (np.zeros((2, 3, 4)), "is not a mask"),
+        (np.full((4, 4), np.nan), "NaN"),
+        ("no-such-mask.png", "not found"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tiny_editor.edit(img, "noise", "a red cat", mask=bad, num_steps=2)
+    with pytest.raises(ValueError, match="paste_pixels needs a mask"):
+        tiny_editor.edit(img, "noise", "a red cat", paste_pixels=True)
+
+
+def test_from_pipe_shares_the_pipeline(tiny_editor):
+    editor = FireFlowEditor.from_pipe(tiny_editor.adapter.pipe)
+    assert editor.transformer is tiny_editor.transformer and editor.model_name == "flux"
+    with pytest.raises(ValueError, match="StableDiffusionPipeline is not a supported model"):
+        FireFlowEditor.from_pipe(type("StableDiffusionPipeline", (), {})())

@@ -127,6 +127,15 @@ def scheduler_sigmas(config: dict[str, Any], **set_timesteps_kwargs) -> torch.Te
     return scheduler.sigmas.to(torch.float64)
 
 
+def shift_mu(image_seq_len: int, config: dict[str, Any]) -> float:
+    """diffusers' ``calculate_shift``: the dynamic-shift ``mu``, linear in the image-token count
+    (extrapolated), with the constants of the pipeline's scheduler config."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (image_seq_len - base_len)
+
+
 def scheduler_config(pipe) -> dict[str, Any]:
     """The pipeline's scheduler config as a plain dict (a FireFlowScheduler's, too)."""
     return dict(pipe.scheduler.config)

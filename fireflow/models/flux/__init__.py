@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from fireflow.features import BlockId
-from fireflow.models._pipeline import load_pipeline, place, quiet_truncation, scheduler_config, scheduler_sigmas
+from fireflow.models._pipeline import (
+    load_pipeline,
+    place,
+    quiet_truncation,
+    scheduler_config,
+    scheduler_sigmas,
+    shift_mu,
+)
 from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
 
@@ -33,12 +40,8 @@ FLUX_DEV_SCHEDULER = {
 
 
 def calculate_mu(image_seq_len: int, config: dict[str, Any]) -> float:
-    """FLUX's resolution-dependent shift: linear in the packed image-token count, extrapolated,
-    with the constants of the pipeline's scheduler config."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return base_shift + slope * (image_seq_len - base_len)
+    """FLUX's resolution-dependent shift for ``image_seq_len`` packed tokens (see ``shift_mu``)."""
+    return shift_mu(image_seq_len, config)
 
 
 @dataclass

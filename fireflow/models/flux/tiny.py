@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fireflow.models._tiny import char_tokenizer
+
 #: The tiny transformer's shape: 1 double-stream block, 2 single-stream blocks, 2 heads of 16.
 TINY_TRANSFORMER = dict(
     patch_size=1,
@@ -33,35 +35,6 @@ def tiny_transformer(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(**{**TINY_TRANSFORMER, **overrides}).eval()
-
-
-def _char_tokenizer(bos: str | None, eos: str, pad: str, unk: str, max_length: int):
-    """A character-level tokenizer (letters, digits, punctuation) that adds ``bos``/``eos``.
-
-    Built with the ``tokenizers`` library, so it needs no vocabulary download and works with
-    every transformers version; FluxPipeline only uses the standard tokenizer call.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [t for t in (pad, eos, unk, bos) if t is not None]
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-:;()\"")
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + alphabet))}
-    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token=unk))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = f"{bos} $A {eos}" if bos else f"$A {eos}"
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in (bos, eos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        model_max_length=max_length,
-    ), vocab
 
 
 #: FLUX.1-schnell's scheduler config: no dynamic shifting, static shift 1 (an unshifted grid).
@@ -92,8 +65,8 @@ def tiny_flux_pipeline(seed: int = 0, schnell: bool = False):
         shift_factor=0.0609,
         scaling_factor=1.5035,
     ).eval()
-    clip_tok, clip_vocab = _char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
-    t5_tok, t5_vocab = _char_tokenizer(None, "</s>", "<pad>", "<unk>", 512)
+    clip_tok, clip_vocab = char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
+    t5_tok, t5_vocab = char_tokenizer(None, "</s>", "<pad>", "<unk>", 512)
     torch.manual_seed(seed + 2)
     clip_config = CLIPTextConfig(
         hidden_size=32,
