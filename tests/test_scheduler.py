@@ -2,9 +2,10 @@
 
 Each pipeline's output with the scheduler must equal fireflow's own FireFlow sampling on the same
 weights, noise and embeddings (relative error <= 1e-5) with N + 1 transformer calls: for FLUX.1
-against ``FireFlowEditor.sample_latents``; for SD3 and FLUX.2 against ``fireflow.solvers.sample``
-with a velocity written here around the pipeline's transformer (:func:`_velocity`), on the grid a
-stock ``FlowMatchEulerDiscreteScheduler`` gives for the same call.
+and SD3 against ``FireFlowEditor.from_pipe(pipe).sample_latents``; for SD3 (again) and FLUX.2
+(no adapter yet) against ``fireflow.solvers.sample`` with a velocity written here around the
+pipeline's transformer (:func:`_velocity`), on the grid a stock ``FlowMatchEulerDiscreteScheduler``
+gives for the same call.
 """
 
 from __future__ import annotations
@@ -275,7 +276,12 @@ def test_sd3_pipeline_equals_fireflow_sampling(sd3):
         ).images
     assert calls[0] == n + 1  # one batched [negative, positive] forward per call
     assert bars[-1].n == bars[-1].total == n  # SD3 counts steps: the first call is its "warm-up"
-    with torch.no_grad():
+    editor = FireFlowEditor.from_pipe(sd3)  # fireflow's SD3 adapter
+    with counted(sd3.transformer) as calls:
+        ref = editor.sample_latents(noise, SIDE, SIDE, num_steps=n, guidance=g, solver="fireflow", **embeds)
+    assert calls[0] == n + 1
+    assert rel(out, ref) <= 1e-5
+    with torch.no_grad():  # and the small helper written here, independently of the adapter
         ref = solvers.sample(_velocity(sd3, embeds, g), noise, _euler_grid(sd3, n).double(), "fireflow")
     assert rel(out, ref) <= 1e-5
 
