@@ -24,7 +24,6 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
-    SD3Transformer2DModel,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
 )
@@ -81,20 +80,9 @@ def flux():
 
 @pytest.fixture(scope="module")
 def sd3():
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=3,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=24,
-        pooled_projection_dim=20,
-        out_channels=4,
-        pos_embed_max_size=32,
-    ).eval()
+    from fireflow.models.sd3.tiny import tiny_sd3_transformer
+
+    transformer = tiny_sd3_transformer(seed=0)
     none = dict.fromkeys(
         ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
     )
