@@ -213,6 +213,17 @@ class ModelAdapter(ABC):
         return out
 
 
+def crop_to_multiple(image: Image.Image, multiple: int, resize: tuple[int, int] | None = None) -> Image.Image:
+    """Resize if asked, then crop top-left to a multiple of ``multiple``, as the reference code does."""
+    if resize is not None:
+        image = image.resize(resize, Image.Resampling.LANCZOS)
+    w, h = image.size
+    m = multiple
+    if w < m or h < m:
+        raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
+    return image.crop((0, 0, w - w % m, h - h % m))
+
+
 def _group_onload_device(module: torch.nn.Module) -> torch.device | None:
     """The device diffusers' group offloading runs ``module`` on, or None without it."""
     try:

@@ -20,7 +20,7 @@ from fireflow.models._pipeline import (
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_token_mask
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
@@ -117,13 +117,7 @@ class FluxAdapter(ModelAdapter):
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16 as the reference code does."""
-        if resize is not None:
-            image = image.resize(resize, Image.Resampling.LANCZOS)
-        w, h = image.size
-        m = self.multiple
-        if w < m or h < m:
-            raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
-        return image.crop((0, 0, w - w % m, h - h % m))
+        return crop_to_multiple(image, self.multiple, resize)
 
     # ---- text and images -----------------------------------------------------------------------
     def _need_pipe(self, what: str):
