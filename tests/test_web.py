@@ -810,3 +810,39 @@ def test_cli_defaults_and_cheap_import():
     code = "import sys, fireflow.cli, fireflow.web; fireflow.cli.build_parser(); print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_gradio
+def test_page_and_api_handlers(tmp_path, photo, capsys):
+    """The two handlers over one edit: the page clears every result and shows the (escaped) message,
+    the API raises it as plain text; an unexpected failure is reported in the page too, traceback on stderr."""
+    import gradio as gr
+
+    from fireflow.web import make_edit_fn
+
+    class Failing:
+        def resolve(self, settings):
+            return settings.check()
+
+        def edit(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory <tried 9 GiB>")
+
+    page, api = make_edit_fn(Failing(), max_pixels=MAX_PIXELS, workdir=tmp_path)
+    knobs = [8, 1, 2.0, "fireflow", "replace_v", "default", 1.0, False]
+    out = page(str(photo), "a red circle", "a yellow circle", *knobs)
+    assert out[0] is None and out[1] is None
+    assert out[2].visible is False and out[4].interactive is False and out[4].value is None
+    assert out[3] == (
+        '<div class="fireflow-error" role="alert">Cannot edit: the edit failed on the server: '
+        "RuntimeError: CUDA out of memory &lt;tried 9 GiB&gt;</div>"
+    )
+    assert "RuntimeError" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        api(str(photo), "a red circle", "a yellow circle", *knobs)
+
+    bad = [8, 1, 2.0, "fireflow", "add_<v>", "default", 1.0, False]
+    out = page(str(photo), "a red circle", "a yellow circle", *bad)
+    assert "unknown strategy &#x27;add_&lt;v&gt;&#x27;" in out[3] and out[1] is None
+    with pytest.raises(gr.Error) as e:
+        api(str(photo), "a red circle", "a yellow circle", *bad)
+    assert "Strategy: unknown strategy 'add_<v>'" in e.value.message
