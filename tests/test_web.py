@@ -846,3 +846,22 @@ def test_page_and_api_handlers(tmp_path, photo, capsys):
     with pytest.raises(gr.Error) as e:
         api(str(photo), "a red circle", "a yellow circle", *bad)
     assert "Strategy: unknown strategy 'add_<v>'" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be a positive number, got 0.0"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb must be a positive number, got nan"),
+        (["--keep-uploads", "-1"], "--keep-uploads must be a positive number, got -1"),
+        (["--upload-space-mb", "10", "--max-upload-mb", "20"], "--upload-space-mb (10) must be at least"),
+    ],
+)
+def test_bad_serve_options_are_one_line(argv, message, capsys, tmp_path):
+    """Refused before the port, gradio or any model is touched (the model given does not exist)."""
+    from fireflow.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "none"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
