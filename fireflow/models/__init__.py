@@ -31,6 +31,8 @@ __all__ = [
 FAMILIES: dict[str, str] = {
     "FluxPipeline": "fireflow.models.flux:FluxAdapter",
     "FluxTransformer2DModel": "fireflow.models.demo:DemoAdapter",  # a folder of demo-model weights
+    "Flux2Pipeline": "fireflow.models.flux2:Flux2Adapter",
+    "Flux2KleinPipeline": "fireflow.models.flux2:Flux2Adapter",
     "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
 }
 
