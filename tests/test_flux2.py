@@ -125,6 +125,24 @@ def test_mu_and_grid_are_the_pipelines(pipes, editors):
     assert not any(abs(g8[4].item() - x) < 1e-4 for x in g28.tolist())
 
 
+def test_the_scheduler_config_decides_the_rest(pipes, embeds):
+    """A config without dynamic shifting ignores mu, in the pipeline and here alike."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    parts = {k: getattr(pipes["flux2-dev"], k) for k in ("vae", "text_encoder", "tokenizer", "transformer")}
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=2.0), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    ed = FireFlowEditor.from_pipe(pipe)
+    grid = ed.adapter.timesteps(4, H, W)
+    sigmas = np.linspace(1.0, 1 / 4, 4)
+    assert grid[:-1].tolist() == pytest.approx((2 * sigmas / (1 + sigmas)).tolist(), abs=1e-7)  # static shift 2
+    e = _side(embeds["flux2-dev"], "target")
+    kwargs = dict(num_inference_steps=4, output_type="latent", height=H, width=W)
+    ref = pipe(prompt_embeds=e["prompt_embeds"], latents=noise(), **kwargs).images
+    ours = ed.sample_latents(pack(noise()), H, W, num_steps=4, solver="euler", **e)
+    assert rel(ours, ref) <= 1e-6
+
+
 # ---- the latent layout ----------------------------------------------------------------------------
 def test_vae_encoding_is_the_pipelines_mode_patchify_and_batchnorm(pipes, editors):
     pipe, adapter = pipes["flux2-klein"], editors["flux2-klein"].adapter

@@ -284,6 +284,11 @@ class Flux2Adapter(ModelAdapter):
             x2, text2 = torch.cat([x, x]), torch.cat([negative, text])
             uncond, positive = self._forward(x2, text2, cond.txt_ids, t, cond, attention_kwargs).chunk(2)
         else:
+            if attention_kwargs is not None:  # the store's text part has the positive prompt's length
+                raise ValueError(
+                    f"negative_prompt_embeds of {negative.shape[1]} tokens and prompt_embeds of {text.shape[1]} "
+                    "cannot share the inversion's features; give both the same length (the pipelines pad to 512)"
+                )
             positive = self._forward(x, text, cond.txt_ids, t, cond, attention_kwargs)
             uncond = self._forward(x, negative, cond.negative_txt_ids, t, cond, attention_kwargs)
         return uncond + cond.cfg * (positive - uncond)
