@@ -352,6 +352,15 @@ def test_injection_changes_the_output_in_each_block_kind(editors, embeds, varian
         assert (out.latents - base).abs().max() > 1e-4, spec
 
 
+def test_guided_inversion_on_klein_base_stores_both_rows(editors, embeds):
+    ed, e = editors["flux2-klein"], embeds["flux2-klein"]
+    for g_inv, g, rows in ((3.0, 1.0, 2 * 3 + 3), (3.0, 3.0, 2 * 3 + 2 * 3)):
+        out = ed._edit_latents(
+            latents(), H, W, None, False, False, None, num_steps=2, inversion_guidance=g_inv, guidance=g, **e
+        )
+        assert out.transformer_rows == rows and len(out.injections) == 2
+
+
 def test_nfe_per_pass_is_n_plus_one(editors, embeds):
     ed = editors["flux2-dev"]
     calls = []

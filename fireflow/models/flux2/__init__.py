@@ -112,6 +112,8 @@ class Flux2Adapter(ModelAdapter):
         self.multiple = self.vae_scale_factor * 2
         self.default_size = getattr(pipe, "default_sample_size", 128) * self.vae_scale_factor
         klein = type(pipe).__name__ == "Flux2KleinPipeline"
+        # Only the pipeline's config says distilled; a bare transformer gets [klein] base's CFG, which
+        # runs only with guidance > 1 and negative_prompt_embeds.
         distilled = klein and bool(pipe.config.get("is_distilled", False))
         #: A few-step model: warn once when an inversion runs on it.
         self.few_step = distilled
@@ -120,7 +122,7 @@ class Flux2Adapter(ModelAdapter):
             self.name, self.guidance_kind, self.embed_names = "flux2-dev", "embedded", ("prompt_embeds",)
             self.generate_guidance = 4.0  # Flux2Pipeline's default
             self.defaults = {"guidance": 2.0, "blocks": "single:all"}
-        elif klein and not distilled:
+        elif not distilled and (klein or pipe is None):  # [klein] base, or a bare transformer
             self.name, self.guidance_kind = "flux2-klein", "cfg"
             self.embed_names = ("prompt_embeds", "negative_prompt_embeds")
             self.generate_guidance = 4.0  # Flux2KleinPipeline's default
