@@ -77,10 +77,9 @@ class FireFlowEditor:
         if (adapter is None) == (transformer is None):
             raise ValueError("pass exactly one of adapter= or transformer=")
         if adapter is None:
-            from fireflow.models.flux import FluxAdapter
+            from fireflow.models import adapter_from_transformer
 
-            # A bare transformer: the latent-level API only, with FLUX.1-dev's grid.
-            adapter = FluxAdapter(transformer)
+            adapter = adapter_from_transformer(transformer)  # the latent-level API only
         self.adapter = adapter
 
     @classmethod
@@ -222,18 +221,17 @@ class FireFlowEditor:
         reconstruction: bool = False,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
+        return_dict: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Edit latents (the pipeline's layout); returns the edited latents.
+    ) -> torch.Tensor | FireFlowOutput:
+        """Edit latents (the pipeline's layout); returns the edited latents, or with
+        ``return_dict=True`` the whole :class:`FireFlowOutput` (NFE, calls, injections, noise).
 
         Conditioning comes as ``source_<name>`` and ``target_<name>`` for each of the family's
         names (``source_prompt_embeds``, ``target_pooled_prompt_embeds``, ...); every other keyword
         is a setting (see :meth:`edit`). ``mask``: a token mask from the adapter's ``token_mask``.
         With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
-        return self._edit_latents(latents, height, width, mask, reconstruction, progress, callback, **kwargs).latents
-
-    def _edit_latents(self, latents, height, width, mask, reconstruction, progress, callback, **kwargs):
         source = {k[7:]: v for k, v in kwargs.items() if k.startswith("source_")}
         target = {k[7:]: v for k, v in kwargs.items() if k.startswith("target_")}
         knobs = {k: v for k, v in kwargs.items() if not k.startswith(("source_", "target_"))}
@@ -241,7 +239,7 @@ class FireFlowEditor:
         if unknown:
             raise TypeError(f"edit_latents() got an unexpected keyword argument {unknown[0]!r}")
         height, width = self._size(latents, height, width)
-        return self._edit(
+        out = self._edit(
             latents,
             height,
             width,
@@ -253,6 +251,7 @@ class FireFlowEditor:
             progress=progress,
             callback=callback,
         )
+        return out if return_dict else out.latents
 
     def resolve(self, settings: EditSettings) -> ResolvedSettings:
         """The settings with this model's defaults filled in and blocks checked: what would run."""

@@ -256,6 +256,30 @@ def test_bench_then_eval_with_a_tiny_flux(data, tmp_path, tiny_editor, metric_mo
     assert math.isfinite(o["psnr"]) and 0 < o["ssim"] < 1 and o["lpips"] > 0 and o["structure_distance"] > 0
 
 
+def test_masked_run_keeps_the_background_and_is_reported_apart(data, tmp_path, tiny_editor, metric_models):
+    from fireflow.bench._editing import edit_fn, settings_from_args
+    from fireflow.cli import build_parser
+
+    argv = ["bench", "pie", "--data", "d", "--out", "o", "--steps", "2", "--use-mask", "--paste-pixels"]
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    settings.update(mask=pie.MASK_LABEL, paste_pixels=True)  # as bench_cli records them
+    types = {"1"}
+    masked, free = tmp_path / "masked", tmp_path / "free"
+    pie.run_pie(data, masked, edit_fn(tiny_editor, settings), settings, "tiny", types, progress=False)
+    plain = _tiny_settings()
+    pie.run_pie(data, free, edit_fn(tiny_editor, plain), plain, "tiny", types, progress=False)
+    a = pie.evaluate_pie(data, masked, None, metric_models, types, progress=False)
+    b = pie.evaluate_pie(data, free, None, metric_models, types, progress=False)
+    assert a["masked"] and not b["masked"] and a["table"].startswith("MASKED run")
+    # Pixel paste: the background is the source's, up to the JPEG re-encoding of the saved edit
+    # (the data set's .jpg names); the mask-free edit of the random tiny model repaints it.
+    assert a["overall"]["raw"]["psnr"] >= 40 and a["overall"]["raw"]["psnr"] > b["overall"]["raw"]["psnr"] + 15
+    table = pie.format_comparison({"masked": a, "free": b})
+    head, _, tail = table.partition("MASKED runs")
+    assert "free" in head and "masked" not in head.split("\n", 1)[1] and "masked" in tail
+
+
 def test_json_outputs_are_standard(tmp_path):
     from fireflow.bench import _io
 

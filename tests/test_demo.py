@@ -152,3 +152,17 @@ def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
     # The fixed-batch loss falls from the untrained model to the trained one.
     fresh = type(straight)(tiny, torch.device("cpu"))
     assert straight.eval_loss(64, ema=False) < fresh.eval_loss(64, ema=False)
+
+
+def test_demo_passes_run_on_one_thread_and_restore_the_callers_setting(adapter):
+    from fireflow import FireFlowEditor
+
+    editor = FireFlowEditor(adapter)
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        editor.generate("red heart", num_steps=2, callback=lambda *a: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

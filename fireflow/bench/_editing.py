@@ -23,7 +23,7 @@ class Outcome:
 
 
 class EditFn(Protocol):
-    def __call__(self, image: Image.Image, source_prompt: str, target_prompt: str) -> Outcome: ...
+    def __call__(self, image: Image.Image, source_prompt: str, target_prompt: str, mask: Any = None) -> Outcome: ...
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,10 +55,22 @@ def load_editor(args: argparse.Namespace, local_rank: int = 0):
 
 
 def edit_fn(editor, settings: dict[str, Any], feature_device: str | None = None) -> EditFn:
-    """One PIE-Bench edit: invert with the source prompt, sample with the target prompt."""
+    """One PIE-Bench edit: invert with the source prompt, sample with the target prompt. With
+    ``settings["mask"]`` the item's ground-truth mask is passed (and the pixels pasted when
+    ``settings["paste_pixels"]``)."""
+    knobs = {k: v for k, v in settings.items() if k not in ("mask", "paste_pixels")}
+    paste = bool(settings.get("paste_pixels"))
 
-    def run(image: Image.Image, source_prompt: str, target_prompt: str) -> Outcome:
-        out = editor.edit(image, source_prompt, target_prompt, feature_device=feature_device, **settings)
+    def run(image: Image.Image, source_prompt: str, target_prompt: str, mask: Any = None) -> Outcome:
+        out = editor.edit(
+            image,
+            source_prompt,
+            target_prompt,
+            feature_device=feature_device,
+            mask=mask,
+            paste_pixels=paste and mask is not None,
+            **knobs,
+        )
         return Outcome(out.image, int(out.nfe), float(out.seconds))
 
     return run

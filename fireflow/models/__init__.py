@@ -22,6 +22,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "adapter_from_pipe",
+    "adapter_from_transformer",
     "load_adapter",
     "parse_device",
     "parse_dtype",
@@ -34,6 +35,12 @@ FAMILIES: dict[str, str] = {
     "Flux2Pipeline": "fireflow.models.flux2:Flux2Adapter",
     "Flux2KleinPipeline": "fireflow.models.flux2:Flux2Adapter",
     "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
+}
+
+#: A bare transformer (no VAE, no text encoders) -> the family that serves its latent-level API.
+TRANSFORMERS: dict[str, str] = {
+    "FluxTransformer2DModel": "fireflow.models.flux:FluxAdapter",
+    "SD3Transformer2DModel": "fireflow.models.sd3:SD3Adapter",
 }
 
 DTYPES = {
@@ -75,10 +82,10 @@ def parse_device(device: str | torch.device | None, what: str = "device") -> tor
     return dev
 
 
-def _family(class_name: str, where: str) -> type[ModelAdapter]:
-    target = FAMILIES.get(class_name)
+def _family(class_name: str, where: str, table: dict[str, str] = FAMILIES) -> type[ModelAdapter]:
+    target = table.get(class_name)
     if target is None:
-        known = ", ".join(sorted(FAMILIES))
+        known = ", ".join(sorted(table))
         raise ModelLoadError(f"{where}: {class_name} is not a supported model; supported: {known}")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
@@ -87,6 +94,12 @@ def _family(class_name: str, where: str) -> type[ModelAdapter]:
 def adapter_from_pipe(pipe) -> ModelAdapter:
     """The family adapter for a diffusers pipeline object (weights shared, nothing copied)."""
     return _family(type(pipe).__name__, "from_pipe").from_pipe(pipe)
+
+
+def adapter_from_transformer(transformer: torch.nn.Module) -> ModelAdapter:
+    """The family adapter for a bare diffusers transformer: the latent-level API only, with the
+    family's reference scheduler config (FLUX.1-dev's for FLUX, SD3's for SD3)."""
+    return _family(type(transformer).__name__, "transformer=", TRANSFORMERS)(transformer)
 
 
 def load_adapter(
