@@ -89,6 +89,10 @@ def test_variants_come_from_the_pipeline_and_its_config(editors):
     assert all(x.block_counts == {"double": 2, "single": 2} for x in a.values())
     assert [a[v].few_step for v in VARIANTS] == [False, False, True]
     assert all(x.multiple == 16 and x.latent_shape(H, W) == (12, 16) for x in a.values())
+    # A bare transformer: [dev]'s guidance input, or [klein] base's CFG without one.
+    bare = {v: FireFlowEditor(transformer=editors[v].transformer).adapter for v in ("flux2-dev", "flux2-klein")}
+    assert all(isinstance(x, Flux2Adapter) for x in bare.values())
+    assert [x.guidance_kind for x in bare.values()] == ["embedded", "cfg"]
 
 
 def test_conditioning_is_the_pipelines(pipes, editors, embeds):
@@ -321,7 +325,7 @@ def test_defaults_inject_in_the_documented_calls(editors, embeds, variant):
     ed = editors[variant]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = ed._edit_latents(latents(), H, W, None, False, False, None, **embeds[variant])
+        out = ed.edit_latents(latents(), H, W, return_dict=True, **embeds[variant])
     # V replaced in every single block, in one call: the midpoint of the first denoising step.
     assert out.injections == [(0, "midpoint", ("single", i)) for i in range(2)]
     assert out.settings["blocks"] == [["single", 0], ["single", 1]]
@@ -346,7 +350,7 @@ def test_injection_changes_the_output_in_each_block_kind(editors, embeds, varian
     ed, e = editors[variant], embeds[variant]
     base = ed.edit_latents(latents(), H, W, inject=0, num_steps=3, **e)
     for spec in ("single:1", "double:0"):
-        out = ed._edit_latents(latents(), H, W, None, False, False, None, num_steps=3, blocks=spec, **e)
+        out = ed.edit_latents(latents(), H, W, return_dict=True, num_steps=3, blocks=spec, **e)
         kind, i = spec.split(":")
         assert {b for *_, b in out.injections} == {(kind, int(i))}
         assert (out.latents - base).abs().max() > 1e-4, spec
@@ -355,9 +359,7 @@ def test_injection_changes_the_output_in_each_block_kind(editors, embeds, varian
 def test_guided_inversion_on_klein_base_stores_both_rows(editors, embeds):
     ed, e = editors["flux2-klein"], embeds["flux2-klein"]
     for g_inv, g, rows in ((3.0, 1.0, 2 * 3 + 3), (3.0, 3.0, 2 * 3 + 2 * 3)):
-        out = ed._edit_latents(
-            latents(), H, W, None, False, False, None, num_steps=2, inversion_guidance=g_inv, guidance=g, **e
-        )
+        out = ed.edit_latents(latents(), H, W, return_dict=True, num_steps=2, inversion_guidance=g_inv, guidance=g, **e)
         assert out.transformer_rows == rows and len(out.injections) == 2
 
 

@@ -40,6 +40,7 @@ FAMILIES: dict[str, str] = {
 #: A bare transformer (no VAE, no text encoders) -> the family that serves its latent-level API.
 TRANSFORMERS: dict[str, str] = {
     "FluxTransformer2DModel": "fireflow.models.flux:FluxAdapter",
+    "Flux2Transformer2DModel": "fireflow.models.flux2:Flux2Adapter",
     "SD3Transformer2DModel": "fireflow.models.sd3:SD3Adapter",
 }
 
