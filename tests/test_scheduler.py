@@ -138,8 +138,8 @@ def _velocity(pipe, embeds: dict, guidance: float, latent_ids=None):
     """``v(x, t)`` of ``pipe``'s transformer as the pipeline evaluates it (t in [0, 1]).
 
     SD3: true CFG on a [negative, positive] batch, timestep t x 1000. FLUX.2 dev: embedded guidance.
-    FLUX.2 klein base: true CFG with two forwards; klein distilled: one plain forward. (To be replaced by
-    ``FireFlowEditor.from_pipe(pipe).sample_latents`` when those adapters exist.)
+    FLUX.2 klein base: true CFG with two forwards; klein distilled: one plain forward. Written apart from
+    fireflow's adapters, so the comparison does not rest on them alone.
     """
     tr = pipe.transformer
 
