@@ -55,7 +55,7 @@ class FireFlowScheduler(FlowMatchEulerDiscreteScheduler):
     """FireFlow (Deng et al., ICML 2025): second-order accurate flow sampling at N + 1 model calls.
 
     A subclass of :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with the same config, so
-    ``from_config`` of any FLUX.1, FLUX.2 or SD3 scheduler config works. With
+    ``from_config`` of any flow-matching pipeline's scheduler config works. With
     ``num_inference_steps=N`` the pipeline makes N + 1 transformer calls (``len(timesteps)``).
 
     Attributes after :meth:`set_timesteps`:

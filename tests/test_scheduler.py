@@ -2,8 +2,8 @@
 
 Each pipeline's output with the scheduler must equal fireflow's own FireFlow sampling on the same
 weights, noise and embeddings (relative error <= 1e-5) with N + 1 transformer calls: for FLUX.1
-and SD3 against ``FireFlowEditor.from_pipe(pipe).sample_latents``; for SD3 (again) and FLUX.2
-(no adapter yet) against ``fireflow.solvers.sample`` with a velocity written here around the
+and SD3 and FLUX.2 against ``FireFlowEditor.from_pipe(pipe).sample_latents``; for SD3 and FLUX.2
+also against ``fireflow.solvers.sample`` with a velocity written here around the
 pipeline's transformer (:func:`_velocity`), on the grid a stock ``FlowMatchEulerDiscreteScheduler``
 gives for the same call.
 """
@@ -138,8 +138,8 @@ def _velocity(pipe, embeds: dict, guidance: float, latent_ids=None):
     """``v(x, t)`` of ``pipe``'s transformer as the pipeline evaluates it (t in [0, 1]).
 
     SD3: true CFG on a [negative, positive] batch, timestep t x 1000. FLUX.2 dev: embedded guidance.
-    FLUX.2 klein base: true CFG with two forwards; klein distilled: one plain forward. (To be replaced by
-    ``FireFlowEditor.from_pipe(pipe).sample_latents`` when those adapters exist.)
+    FLUX.2 klein base: true CFG with two forwards; klein distilled: one plain forward. Written apart from
+    fireflow's adapters, so the comparison does not rest on them alone.
     """
     tr = pipe.transformer
 
@@ -295,7 +295,10 @@ def test_flux2_dev_pipeline_equals_fireflow_sampling(flux2):
     grid = _euler_grid(flux2, None, sigmas=np.linspace(1.0, 1 / n, n), mu=mu).double()
     with torch.no_grad():
         ref = solvers.sample(_velocity(flux2, {"prompt_embeds": emb}, g, ids), packed, grid, "fireflow")
-    assert rel(out, ref) <= 1e-5
+        ours = FireFlowEditor.from_pipe(flux2).sample_latents(
+            packed, SIDE, SIDE, num_steps=n, guidance=g, prompt_embeds=emb
+        )
+    assert rel(out, ref) <= 1e-5 and rel(out, ours) <= 1e-5  # fireflow's FLUX.2 adapter, too
 
 
 @pytest.mark.parametrize("distilled", [False, True])
@@ -330,7 +333,9 @@ def test_flux2_klein_pipeline_equals_fireflow_sampling(klein, distilled):
     grid = _euler_grid(klein, None, sigmas=np.linspace(1.0, 1 / n, n), mu=mu).double()
     with torch.no_grad():
         ref = solvers.sample(_velocity(klein, embeds, g, ids), packed, grid, "fireflow")
-    assert rel(final[n], ref) <= 1e-5
+        kw = embeds if not distilled else {"prompt_embeds": embeds["prompt_embeds"]}
+        ours = FireFlowEditor.from_pipe(klein).sample_latents(packed, SIDE, SIDE, num_steps=n, guidance=g, **kw)
+    assert rel(final[n], ref) <= 1e-5 and rel(final[n], ours) <= 1e-5  # fireflow's FLUX.2 adapter, too
 
 
 # ---- the scheduler on its own ---------------------------------------------------------------------

@@ -32,12 +32,15 @@ __all__ = [
 FAMILIES: dict[str, str] = {
     "FluxPipeline": "fireflow.models.flux:FluxAdapter",
     "FluxTransformer2DModel": "fireflow.models.demo:DemoAdapter",  # a folder of demo-model weights
+    "Flux2Pipeline": "fireflow.models.flux2:Flux2Adapter",
+    "Flux2KleinPipeline": "fireflow.models.flux2:Flux2Adapter",
     "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
 }
 
 #: A bare transformer (no VAE, no text encoders) -> the family that serves its latent-level API.
 TRANSFORMERS: dict[str, str] = {
     "FluxTransformer2DModel": "fireflow.models.flux:FluxAdapter",
+    "Flux2Transformer2DModel": "fireflow.models.flux2:Flux2Adapter",
     "SD3Transformer2DModel": "fireflow.models.sd3:SD3Adapter",
 }
 
