@@ -661,6 +661,24 @@ def test_huge_images_are_refused_from_the_header(server, width, height):
     assert _get_root_seconds(server) < 2
 
 
+def _read_response(conn: socket.socket) -> str:
+    """One HTTP response from a raw socket: the headers, then as many bytes as Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+    while m and len(body) < int(m.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 @needs_gradio
 def test_upload_limits(served):
     """An upload over --max-upload-mb is refused before it is stored; only the newest --keep-uploads stay."""
@@ -673,7 +691,7 @@ def test_upload_limits(served):
             b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             + f"Content-Length: {100 * limit}\r\n\r\n".encode()
         )
-        reply = conn.recv(65536).decode()
+        reply = _read_response(conn)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert f"The upload is 100.0 MB; this server takes at most {MAX_UPLOAD_MB} MB." in reply, reply
     status, body = _upload(served.url, "over.png", b"\0" * (limit + 1))  # within the request's slack: Gradio's check
