@@ -319,6 +319,17 @@ class FireFlowEditor:
         pil = self.adapter.prepare_image(load_image(image, max_pixels), resize)
         return pil, self.adapter.encode_image(to_tensor(pil))
 
+    def _prepare_mask(self, mask: np.ndarray, resize: tuple[int, int] | None, size: tuple[int, int]) -> np.ndarray:
+        """The input-sized mask through the model's size policy. It goes in as black = edit, so
+        that any padding the policy adds (white) is kept, never edited."""
+        keep = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8)).convert("RGB")
+        prepared = np.asarray(self.adapter.prepare_image(keep, resize).convert("L")) < 128
+        if prepared.shape != (size[1], size[0]) or not prepared.any():
+            raise ValueError(
+                f"the mask does not survive this model's size policy ({size[0]}x{size[1]}): nothing to edit"
+            )
+        return prepared
+
     def _decode(self, latents: torch.Tensor, image: Image.Image) -> list[Image.Image]:
         return to_pil(self.adapter.decode(latents, image.height, image.width))
 
@@ -389,8 +400,12 @@ class FireFlowEditor:
         if paste_pixels and mask is None:
             raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
         start = time.perf_counter()
-        src_image, latents = self._prepare(image, resize, max_pixels)
-        pixel_mask = None if mask is None else load_mask(mask, src_image.size)
+        original = load_image(image, max_pixels)
+        src_image = self.adapter.prepare_image(original, resize)
+        latents = self.adapter.encode_image(to_tensor(src_image))
+        pixel_mask = None
+        if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
+            pixel_mask = self._prepare_mask(load_mask(mask, original.size), resize, src_image.size)
         token_mask = None
         if pixel_mask is not None:
             token_mask = self.adapter.token_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)

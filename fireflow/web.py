@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fireflow.image import MAX_PIXELS
 
 if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
@@ -386,6 +388,29 @@ def build_app(
         with gr.Row():
             with gr.Column(scale=2):
                 image = _image_input(gr)
+                with gr.Accordion("Mask: edit one region only (optional)", open=False, elem_id="mask-panel"):
+                    mask_paint = gr.ImageEditor(
+                        label="Paint the region to edit (white), over the source",
+                        type="numpy",
+                        image_mode="RGBA",
+                        sources=[],  # the background is the uploaded image, set below
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
+                        transforms=[],
+                        layers=False,
+                        height=320,
+                        elem_id="mask-editor",
+                    )
+                    mask_file = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload"],
+                        label="...or upload a mask image (white = edit, any size)",
+                        height=160,
+                        elem_id="mask-upload",
+                    )
+                    paste = gr.Checkbox(
+                        False, label="Paste the source pixels outside the mask (exact background)", elem_id="paste"
+                    )
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
@@ -416,7 +441,10 @@ def build_app(
                         label="Examples: click one to run it with the knobs as set",
                         examples_per_page=12,
                     )
+        # The painter shows the uploaded source underneath the strokes.
+        image.change(lambda path: mask_background(path, max_pixels), image, mask_paint, api_visibility="private")
         inputs = [image, source, target, steps, inject, guidance, solver, strategy, blocks, inversion_guidance, recon]
+        inputs += [mask_paint, mask_file, paste]
         outputs = [out_source, out_edit, out_recon, info, download]
         # One concurrency_id: the button, Enter, the gallery and the API share one bounded pool of workers.
         # The page's events report bad input in the page; the API endpoint, on a button never shown,
@@ -520,6 +548,9 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         blocks: str,
         inversion_guidance: float | None,
         reconstruction: bool,
+        mask_paint: Any = None,
+        mask_file: str | None = None,
+        paste: bool = False,
     ) -> tuple:
         if not image:
             raise EditError("Upload or paste an image first.")
@@ -547,12 +578,17 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             strategy=strategy,
             blocks=blocks,
         )
+        mask = page_mask(mask_paint, mask_file, max_pixels)
+        if paste and mask is None:
+            raise EditError("Paste the source pixels needs a mask: paint the region to edit or upload a mask.")
         try:
             out = editor.edit(
                 pil,
                 source.strip(),
                 target.strip(),
                 **settings.as_kwargs(),
+                mask=mask,
+                paste_pixels=bool(paste),
                 reconstruction=bool(reconstruction),
                 max_pixels=max_pixels,
             )
@@ -566,6 +602,10 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(describe(out.settings))}"
         )
         text += f" · target: “{html.escape(target.strip())}”"
+        if mask is not None:
+            text += f" · masked: {int(out.mask.mean() * 100)}% of the image edited" + (
+                " (pixels pasted)" if paste else ""
+            )
         return (
             s,
             out.image,
@@ -597,6 +637,36 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
 
     return page, api
+
+
+def mask_background(path: Any, max_pixels: int | None) -> dict | None:
+    """The painter's value for a new upload: the image, no strokes (None for what cannot be read)."""
+    from fireflow.image import ImageError, load_image
+
+    if not path or isinstance(path, Unreadable):
+        return None
+    try:
+        background = np.asarray(load_image(path, max_pixels).convert("RGBA"))
+    except (ImageError, OSError):
+        return None
+    return {"background": background, "layers": [], "composite": background}
+
+
+def page_mask(painted: Any, uploaded: str | None, max_pixels: int | None) -> np.ndarray | None:
+    """The edit mask from the page: an uploaded mask image, else the painted strokes (any pixel a
+    stroke covers), else None (an unmasked edit)."""
+    from fireflow.image import ImageError, load_image
+
+    if uploaded:
+        try:
+            return np.asarray(load_image(uploaded, max_pixels, name="The mask").convert("L")) >= 128
+        except ImageError as e:
+            raise EditError(f"The mask upload cannot be used: {e}") from None
+    layers = (painted or {}).get("layers") or [] if isinstance(painted, dict) else []
+    strokes = [np.asarray(layer)[..., 3] > 0 for layer in layers if layer is not None and np.asarray(layer).ndim == 3]
+    if not strokes or not np.logical_or.reduce(strokes).any():
+        return None
+    return np.logical_or.reduce(strokes)
 
 
 def check_knobs(editor: FireFlowEditor, **values: Any) -> EditSettings:

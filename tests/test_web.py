@@ -597,7 +597,8 @@ def _png_bytes(size: int, color) -> bytes:
 
 def _api_edit(server: str, image: dict | None, *knobs) -> str:
     """Call the edit API (source, target, then the knobs as the page orders them); returns the event stream."""
-    defaults = ["a red circle", "a yellow circle", 8, 1, 2, "fireflow", "replace_v", "all", 1, False]
+    # ... reconstruction, then the mask: painted strokes, an uploaded mask, paste pixels.
+    defaults = ["a red circle", "a yellow circle", 8, 1, 2, "fireflow", "replace_v", "all", 1, False, None, None, False]
     data = [image, *knobs, *defaults[len(knobs) :]]
     req = urllib.request.Request(
         f"{server}/gradio_api/call/edit", data=json.dumps({"data": data}).encode(),
@@ -807,7 +808,8 @@ def test_no_page_action_reads_server_paths(server, photo):
 
     # The edit API called directly with a server path instead of an upload: refused, nothing read.
     payload = {"path": str(photo), "meta": {"_type": "gradio.FileData"}}
-    body = json.dumps({"data": [payload, "a", "b", 8, 1, 2, "fireflow", "replace_v", "all", 1, False]}).encode()
+    data = [payload, "a", "b", 8, 1, 2, "fireflow", "replace_v", "all", 1, False, None, None, False]
+    body = json.dumps({"data": data}).encode()
     req = urllib.request.Request(
         f"{server}/gradio_api/call/edit", data=body, headers={"Content-Type": "application/json"}
     )
@@ -883,3 +885,29 @@ def test_bad_serve_options_are_one_line(argv, message, capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path / "none"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@needs_browser
+def test_mask_painter_edits_only_the_painted_region(open_page, photo):
+    """Paint a stroke over the source in the page: the edit changes there and nowhere else."""
+    p = open_page()
+    page = p.page
+    p.upload(photo)
+    page.locator("#mask-panel").get_by_text("Mask: edit one region only").click()
+    canvas = page.locator("#mask-editor canvas").last
+    canvas.wait_for(state="visible")
+    page.wait_for_timeout(1000)  # the source arrives as the painter's background
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.32, box["y"] + box["height"] * 0.7, steps=12)
+    page.mouse.up()
+    p.fill("source", "a red circle")
+    p.fill("target", "a yellow circle")
+    info = p.edit()
+    assert "masked:" in info, info
+    edit, source = p.image("out-edit").astype(int), p.image("out-source").astype(int)
+    changed = np.abs(edit - source).max(axis=2) > 0
+    w = changed.shape[1]
+    assert changed.any(), "the painted region was not edited"
+    assert not changed[:, w // 2 :].any(), "pixels far from the stroke changed"
