@@ -257,7 +257,7 @@ def test_bench_pie_and_the_web_handler_run_on_sd3(tmp_path):
     image = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
     (tmp_path / "web").mkdir()
-    handler = make_edit_fn(editor, max_pixels=256 * 256, workdir=tmp_path / "web")
-    result = handler(str(image), "a photo", "a painting", 2, 1, 2.0, "fireflow", "replace_v", "default", 1.0, False)
+    _, api = make_edit_fn(editor, max_pixels=256 * 256, workdir=tmp_path / "web")
+    result = api(str(image), "a photo", "a painting", 2, 1, 2.0, "fireflow", "replace_v", "default", 1.0, False)
     source, edited = result[0], result[1]
     assert source.size == edited.size == (64, 64) and "6 NFE" in result[3]
