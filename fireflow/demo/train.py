@@ -2,6 +2,10 @@
 
     python -m fireflow.demo.train --out /work/runs/demo --steps 6000 --minutes 90
     python -m fireflow.demo.train --out /work/runs/demo --resume     # continue after a stop
+    python -m fireflow.demo.train --out /work/runs/scenes --dataset scenes --steps 8000
+
+``--dataset scenes`` trains on emoji composited on the fly at a random position and size on a
+palette background (:mod:`fireflow.demo.scenes`), never drawing the held-out tenth of scenes.
 
 The flow follows FLUX's convention: ``x_t = (1 - t) x_0 + t noise``, target ``noise - x_0``, t = 1
 is noise. Times are drawn logit-normal (with a uniform share so both ends are seen) and pushed
@@ -50,6 +54,9 @@ class TrainConfig:
     uniform_share: float = 0.25
     model: dict = field(default_factory=transformer_config)
     data: str = str(emoji_data.DATA_FILE)
+    #: "emoji" (the fixed rendered set in ``data``) or "scenes" (composited on the fly,
+    #: :mod:`fireflow.demo.scenes`; ``data`` is then unused).
+    dataset: str = "emoji"
 
 
 class Trainer:
@@ -68,15 +75,27 @@ class Trainer:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0
 
-        emoji = emoji_data.load(cfg.data)
-        self.prompts = emoji.prompts
-        pixels = torch.from_numpy(emoji.pixels())
-        self.x0 = pack(pixels).to(device)  # [N, L, C]
-        embeds, pooled = MiniLMEncoder()(emoji.prompts)  # frozen: encode once
+        if cfg.dataset == "scenes":
+            from fireflow.demo import scenes
+
+            self.source = scenes.SceneSource()
+            self.prompts = list(self.source.prompts)
+            side = scenes.RESOLUTION
+            self.x0 = None
+        elif cfg.dataset == "emoji":
+            self.source = None
+            emoji = emoji_data.load(cfg.data)
+            self.prompts = emoji.prompts
+            pixels = torch.from_numpy(emoji.pixels())
+            self.x0 = pack(pixels).to(device)  # [N, L, C]
+            side = pixels.shape[-1]
+        else:
+            raise ValueError(f"unknown dataset {cfg.dataset!r} (emoji or scenes)")
+        embeds, pooled = MiniLMEncoder()(self.prompts)  # frozen: encode once
         self.embeds, self.pooled = embeds.to(device), pooled.to(device)
-        self.img_ids = grid_ids(pixels.shape[-2] // PATCH, pixels.shape[-1] // PATCH).to(device)
+        self.img_ids = grid_ids(side // PATCH, side // PATCH).to(device)
         self.txt_ids = torch.zeros(self.embeds.shape[1], 3, device=device)
-        self.e_mu = math.exp(calculate_mu(self.x0.shape[1], FLUX_DEV_SCHEDULER))
+        self.e_mu = math.exp(calculate_mu((side // PATCH) ** 2, FLUX_DEV_SCHEDULER))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
@@ -94,9 +113,13 @@ class Trainer:
 
     def loss(self, model: torch.nn.Module, b: int, gen: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of ``model`` on a batch of ``b`` drawn with ``gen``."""
-        idx = torch.randint(len(self.prompts), (b,), generator=gen).to(self.device)
+        if self.source is None:
+            idx = torch.randint(len(self.prompts), (b,), generator=gen).to(self.device)
+            x0 = self.x0[idx]
+        else:  # a fresh composited batch, drawn with the same generator
+            pixels, idx = self.source.batch(b, gen)
+            x0, idx = pack(pixels).to(self.device), idx.to(self.device)
         t = self.sample_t(b, gen).to(self.device)
-        x0 = self.x0[idx]
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pred = model(
@@ -208,7 +231,10 @@ def train(
         print(f"resumed at step {trainer.step} from {ckpt}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters, {len(trainer.prompts)} emoji, device {device}", flush=True)
+    print(
+        f"{n_params / 1e6:.2f}M parameters, {len(trainer.prompts)} prompts ({cfg.dataset}), device {device}",
+        flush=True,
+    )
     start, losses = time.time(), []
     while trainer.step < cfg.steps:
         losses.append(trainer.train_step())
@@ -240,6 +266,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help=f"total steps (default {TrainConfig.steps})")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--dataset", choices=["emoji", "scenes"], default="emoji", help="emoji set or composited scenes")
+    p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints and EMA exports")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--layers", type=int, default=1, help="double-stream blocks")
     p.add_argument("--single-layers", type=int, default=8, help="single-stream blocks")
@@ -255,11 +284,21 @@ def main() -> None:
     cfg = TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup=args.warmup,
         seed=args.seed,
+        dataset=args.dataset,
         model=transformer_config(args.layers, args.single_layers, args.heads, args.head_dim),
     )
     t0 = time.time()
-    train(args.out, cfg, resume=args.resume, minutes=args.minutes, steps=args.steps, device=args.device)
+    train(
+        args.out,
+        cfg,
+        resume=args.resume,
+        minutes=args.minutes,
+        steps=args.steps,
+        ckpt_every=args.ckpt_every,
+        device=args.device,
+    )
     print(f"wall time {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
