@@ -229,7 +229,7 @@ class FireFlowEditor:
 
         Conditioning comes as ``source_<name>`` and ``target_<name>`` for each of the family's
         names (``source_prompt_embeds``, ``target_pooled_prompt_embeds``, ...); every other keyword
-        is a setting (see :meth:`edit`). ``mask``: a token mask from the adapter's ``token_mask``.
+        is a setting (see :meth:`edit`). ``mask``: a latent mask from the adapter's ``latent_mask``.
         With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
         source = {k[7:]: v for k, v in kwargs.items() if k.startswith("source_")}
@@ -406,9 +406,9 @@ class FireFlowEditor:
         pixel_mask = None
         if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
             pixel_mask = self._prepare_mask(load_mask(mask, original.size), resize, src_image.size)
-        token_mask = None
+        latent_mask = None
         if pixel_mask is not None:
-            token_mask = self.adapter.token_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
+            latent_mask = self.adapter.latent_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
         embeds = self._encode_prompts([source_prompt, *targets])
         out = self._edit(
             latents,
@@ -417,7 +417,7 @@ class FireFlowEditor:
             {k: v[:1] for k, v in embeds.items()},
             {k: v[1:] for k, v in embeds.items()},
             settings,
-            mask=token_mask,
+            mask=latent_mask,
             reconstruction=reconstruction,
             progress=progress,
             callback=callback,

@@ -393,11 +393,14 @@ def test_features_on_the_cpu_give_the_same_edit(editors, embeds):
 def test_mask_keeps_the_source_latents_exactly(editors, embeds):
     ed, e = editors["flux2-dev"], embeds["flux2-dev"]
     mask = np.zeros((H, W), bool)
-    mask[:16, :32] = True  # the first two tokens of the first row
-    token_mask = ed.adapter.token_mask(mask, H, W)
-    assert token_mask.shape == (12, 1) and token_mask[:, 0].tolist() == [1, 1] + [0] * 10
+    mask[:16, :32] = True  # the first two tokens of the first row: 2 x 4 VAE latent cells
+    latent_mask = ed.adapter.latent_mask(mask, H, W)
+    assert latent_mask.shape == latents().shape[1:] and latent_mask[:2].all() and not latent_mask[2:].any()
+    mask[:8, :8] = False  # now the first token is only partly edited: a per-cell mask, not per token
+    partial = ed.adapter.latent_mask(mask, H, W)
+    assert 0 < partial[0].sum() < partial[0].numel() and partial[1].all()
     src = latents()
-    out = ed.edit_latents(src, H, W, mask=token_mask, num_steps=3, **e)
+    out = ed.edit_latents(src, H, W, mask=latent_mask, num_steps=3, **e)
     assert torch.equal(out[:, 2:], src[:, 2:]) and (out[:, :2] - src[:, :2]).abs().max() > 1e-3
 
 

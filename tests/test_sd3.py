@@ -182,10 +182,10 @@ def test_guided_inversion_and_unguided_edit_run(editor, inputs):
 
 def test_mask_keeps_the_source_latents_exactly(editor, inputs):
     mask = np.zeros((H, W), bool)
-    mask[:32, :32] = True  # the top-left 2 x 2 tokens = 4 x 4 latent cells
-    token_mask = editor.adapter.token_mask(mask, H, W)
-    assert token_mask.shape == (1, 8, 8) and token_mask.sum() == 16
-    out = editor.edit_latents(inputs["latents"], mask=token_mask, **_strip(inputs))
+    mask[:30, :30] = True  # latent cells (8 x 8 pixels) 0..3 x 0..3
+    latent_mask = editor.adapter.latent_mask(mask, H, W)
+    assert latent_mask.shape == (1, 8, 8) and latent_mask.sum() == 16 and latent_mask[0, :4, :4].all()
+    out = editor.edit_latents(inputs["latents"], mask=latent_mask, **_strip(inputs))
     free = editor.edit_latents(inputs["latents"], **_strip(inputs))
     src = inputs["latents"]
     assert torch.equal(out[..., 4:, :], src[..., 4:, :]) and torch.equal(out[..., :, 4:], src[..., :, 4:])

@@ -576,9 +576,13 @@ def _upload(server: str, name: str, data: bytes) -> tuple[int, str]:
     """POST one file to Gradio's upload route; returns (status, body)."""
     boundary = "fireflowtestboundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     req = urllib.request.Request(
         f"{server}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
@@ -733,7 +737,7 @@ def test_signal_removes_the_temporary_folder(model, tmp_path, sig):
 
         # An upload in flight: the headers and half the body sent, the rest never.
         host, port = s.url.removeprefix("http://").split(":")
-        part = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slow.png\"\r\n\r\n"
+        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\n\r\n'
         conn = socket.create_connection((host, int(port)))
         conn.sendall(
             b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"

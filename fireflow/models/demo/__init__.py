@@ -142,7 +142,7 @@ class DemoAdapter(FluxAdapter):
     def __init__(self, transformer: torch.nn.Module, text_encoder: MiniLMEncoder | None = None):
         super().__init__(transformer)
         self.text_encoder = text_encoder or MiniLMEncoder(device=self.device)
-        self.multiple = PATCH
+        self.patch = self.multiple = PATCH  # pixel space: a latent cell is a pixel
         r = self.resolution
         #: What front ends print: every input is resized to the model's resolution.
         self.size_note = f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"

@@ -49,7 +49,7 @@ from fireflow.models._pipeline import (
     scheduler_config,
     scheduler_sigmas,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_mask
 from fireflow.models.flux2.processors import PROCESSORS, Bounded, flux2_layers
 
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
@@ -167,9 +167,11 @@ class Flux2Adapter(ModelAdapter):
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
 
-    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        cells = grid_token_mask(mask, height // self.multiple, width // self.multiple)
-        return cells.reshape(-1, 1)  # [L, 1] against [L, C] tokens
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        f = self.multiple // 2  # pixels per VAE latent cell; a token is 2 x 2 cells
+        cells = grid_mask(mask, height // f, width // f)
+        c = self.transformer.config.in_channels // 4
+        return pack(patchify(cells[None, None].expand(1, c, *cells.shape)))[0]  # [L, 4C] like the tokens
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16, as for FLUX.1."""

@@ -35,7 +35,7 @@ from fireflow.models._pipeline import (
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_token_mask
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.sd3.processors import SD3FeatureProcessor, sd3_layers
 
 
@@ -105,10 +105,9 @@ class SD3Adapter(ModelAdapter):
         f = self.vae_scale_factor
         return latents.shape[-2] * f, latents.shape[-1] * f
 
-    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        cells = grid_token_mask(mask, height // self.multiple, width // self.multiple)
-        p = self.patch  # a token is a p x p patch of latent cells
-        return cells.repeat_interleave(p, 0).repeat_interleave(p, 1)[None]  # [1, H/8, W/8]
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        f = self.vae_scale_factor
+        return grid_mask(mask, height // f, width // f)[None]  # [1, H/8, W/8] against [16, H/8, W/8]
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16 (VAE factor x patch)."""
