@@ -110,17 +110,17 @@ def load_adapter(
     torch_dtype: str | torch.dtype | None = None,
     offload: str | None = None,
 ) -> ModelAdapter:
-    """``"demo"`` for the bundled model, a local diffusers folder, or a Hub id in the HF cache.
+    """``"demo"`` or ``"scenes"`` for a bundled model, a local diffusers folder, or a Hub id in the HF cache.
 
     The family comes from the folder's ``model_index.json`` ``_class_name`` (or a transformer
     folder's ``config.json``). The dtype defaults to bf16 on an accelerator and fp32 on the CPU.
     """
     dev = parse_device(device)
     dtype = parse_dtype(torch_dtype) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    if str(model) == "demo":
-        from fireflow.models.demo import DemoAdapter
+    if str(model) in ("demo", "scenes"):  # the bundled models (fireflow.models.demo.BUNDLED)
+        from fireflow.models.demo import BUNDLED, DemoAdapter
 
-        return DemoAdapter.from_pretrained(None, device=dev, torch_dtype=dtype)
+        return DemoAdapter.from_pretrained(BUNDLED[str(model)], device=dev, torch_dtype=dtype)
     folder = resolve_model_path(model)
     _, config = read_config(Path(folder))
     family = _family(config["_class_name"], str(folder))

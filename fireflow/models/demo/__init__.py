@@ -27,6 +27,9 @@ from fireflow.models.flux import FluxAdapter, grid_ids
 __all__ = ["DemoAdapter", "MiniLMEncoder", "grid_ids", "pack", "transformer_config", "unpack"]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: The models bundled with the package, by the name ``--model`` takes: the emoji model, and the
+#: scenes model (emoji composited at random places on coloured backgrounds, fireflow.demo.scenes).
+BUNDLED = {"demo": WEIGHTS_DIR, "scenes": Path(__file__).with_name("scenes_weights")}
 #: The side the demo model was trained at; every input image is resized to it.
 RESOLUTION = 32
 #: Pixels per patch side: a token holds ``3 * PATCH**2`` channels.
@@ -163,7 +166,9 @@ class DemoAdapter(FluxAdapter):
             raise FileNotFoundError(f"no demo model in {folder} (expected config.json and safetensors)")
         transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype)
         transformer = transformer.to(device).eval().requires_grad_(False)
-        return cls(transformer, MiniLMEncoder(device=device))
+        adapter = cls(transformer, MiniLMEncoder(device=device))
+        adapter.name = next((k for k, v in BUNDLED.items() if v.resolve() == folder.resolve()), "demo")
+        return adapter
 
     def running(self) -> contextlib.AbstractContextManager:
         """One CPU thread while demo-model passes run (restored afterwards): its matrices are
