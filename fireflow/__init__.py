@@ -11,7 +11,16 @@ __all__ = [
     "FeatureReuse",
     "FireFlowEditor",
     "FireFlowOutput",
+    "FireFlowScheduler",
     "SettingError",
     "VelocityCall",
     "sample",
 ]
+
+
+def __getattr__(name: str):  # FireFlowScheduler on first use: importing diffusers' schedulers costs ~1 s
+    if name == "FireFlowScheduler":
+        from fireflow.scheduler import FireFlowScheduler
+
+        return FireFlowScheduler
+    raise AttributeError(f"module 'fireflow' has no attribute {name!r}")

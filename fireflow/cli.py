@@ -38,7 +38,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default="demo",
-        help="'demo' (bundled, default), a diffusers pipeline folder (see README: families), or a Hub id in the cache",
+        help="'demo' or 'scenes' (bundled; default demo), a diffusers pipeline folder (README: families), or a Hub id",
     )
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: cuda if present)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")

@@ -77,10 +77,9 @@ class FireFlowEditor:
         if (adapter is None) == (transformer is None):
             raise ValueError("pass exactly one of adapter= or transformer=")
         if adapter is None:
-            from fireflow.models.flux import FluxAdapter
+            from fireflow.models import adapter_from_transformer
 
-            # A bare transformer: the latent-level API only, with FLUX.1-dev's grid.
-            adapter = FluxAdapter(transformer)
+            adapter = adapter_from_transformer(transformer)  # the latent-level API only
         self.adapter = adapter
 
     @classmethod
@@ -222,18 +221,17 @@ class FireFlowEditor:
         reconstruction: bool = False,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
+        return_dict: bool = False,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Edit latents (the pipeline's layout); returns the edited latents.
+    ) -> torch.Tensor | FireFlowOutput:
+        """Edit latents (the pipeline's layout); returns the edited latents, or with
+        ``return_dict=True`` the whole :class:`FireFlowOutput` (NFE, calls, injections, noise).
 
         Conditioning comes as ``source_<name>`` and ``target_<name>`` for each of the family's
         names (``source_prompt_embeds``, ``target_pooled_prompt_embeds``, ...); every other keyword
-        is a setting (see :meth:`edit`). ``mask``: a token mask from the adapter's ``token_mask``.
+        is a setting (see :meth:`edit`). ``mask``: a latent mask from the adapter's ``latent_mask``.
         With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
-        return self._edit_latents(latents, height, width, mask, reconstruction, progress, callback, **kwargs).latents
-
-    def _edit_latents(self, latents, height, width, mask, reconstruction, progress, callback, **kwargs):
         source = {k[7:]: v for k, v in kwargs.items() if k.startswith("source_")}
         target = {k[7:]: v for k, v in kwargs.items() if k.startswith("target_")}
         knobs = {k: v for k, v in kwargs.items() if not k.startswith(("source_", "target_"))}
@@ -241,7 +239,7 @@ class FireFlowEditor:
         if unknown:
             raise TypeError(f"edit_latents() got an unexpected keyword argument {unknown[0]!r}")
         height, width = self._size(latents, height, width)
-        return self._edit(
+        out = self._edit(
             latents,
             height,
             width,
@@ -253,6 +251,7 @@ class FireFlowEditor:
             progress=progress,
             callback=callback,
         )
+        return out if return_dict else out.latents
 
     def resolve(self, settings: EditSettings) -> ResolvedSettings:
         """The settings with this model's defaults filled in and blocks checked: what would run."""
@@ -319,6 +318,17 @@ class FireFlowEditor:
     ) -> tuple[Image.Image, torch.Tensor]:
         pil = self.adapter.prepare_image(load_image(image, max_pixels), resize)
         return pil, self.adapter.encode_image(to_tensor(pil))
+
+    def _prepare_mask(self, mask: np.ndarray, resize: tuple[int, int] | None, size: tuple[int, int]) -> np.ndarray:
+        """The input-sized mask through the model's size policy. It goes in as black = edit, so
+        that any padding the policy adds (white) is kept, never edited."""
+        keep = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8)).convert("RGB")
+        prepared = np.asarray(self.adapter.prepare_image(keep, resize).convert("L")) < 128
+        if prepared.shape != (size[1], size[0]) or not prepared.any():
+            raise ValueError(
+                f"the mask does not survive this model's size policy ({size[0]}x{size[1]}): nothing to edit"
+            )
+        return prepared
 
     def _decode(self, latents: torch.Tensor, image: Image.Image) -> list[Image.Image]:
         return to_pil(self.adapter.decode(latents, image.height, image.width))
@@ -390,11 +400,15 @@ class FireFlowEditor:
         if paste_pixels and mask is None:
             raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
         start = time.perf_counter()
-        src_image, latents = self._prepare(image, resize, max_pixels)
-        pixel_mask = None if mask is None else load_mask(mask, src_image.size)
-        token_mask = None
+        original = load_image(image, max_pixels)
+        src_image = self.adapter.prepare_image(original, resize)
+        latents = self.adapter.encode_image(to_tensor(src_image))
+        pixel_mask = None
+        if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
+            pixel_mask = self._prepare_mask(load_mask(mask, original.size), resize, src_image.size)
+        latent_mask = None
         if pixel_mask is not None:
-            token_mask = self.adapter.token_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
+            latent_mask = self.adapter.latent_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
         embeds = self._encode_prompts([source_prompt, *targets])
         out = self._edit(
             latents,
@@ -403,7 +417,7 @@ class FireFlowEditor:
             {k: v[:1] for k, v in embeds.items()},
             {k: v[1:] for k, v in embeds.items()},
             settings,
-            mask=token_mask,
+            mask=latent_mask,
             reconstruction=reconstruction,
             progress=progress,
             callback=callback,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,31 +23,101 @@ class ImageError(ValueError):
     """The input is not a usable image."""
 
 
-def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+class ImageTooLarge(ImageError):
+    """The image has more pixels than the limit (refused from the file's header when it is a file)."""
+
+
+def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open ``image`` as an 8-bit RGB PIL image with its EXIF orientation applied.
 
     RGBA and LA are composited on white; palette, grayscale, CMYK and 16-bit modes are converted.
     Arrays may be HxW or HxWxC (C = 1, 3, 4), uint8, uint16, or float in [0, 1].
+
+    A file is sized from its header and refused before any pixel is decoded when it has more than
+    ``max_pixels`` pixels (None: no limit of ours; Pillow's decompression-bomb limit still holds).
+    Every refusal, whatever the size, is one :class:`ImageTooLarge` of the same wording. ``name``
+    replaces "image '<path>'" in messages (a server does not show its paths).
     """
+    what = name or "image"
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image {str(path)!r} not found")
-        try:
-            with Image.open(path) as im:
-                pil = ImageOps.exif_transpose(im)  # a loaded copy, upright
-        except (UnidentifiedImageError, OSError) as e:
-            raise ImageError(f"{str(path)!r} is not a readable image: {e}") from None
+        pil = _open_file(Path(image), max_pixels, name)
     elif isinstance(image, Image.Image):
+        check_pixels(image.size, max_pixels, what)
         pil = ImageOps.exif_transpose(image)
     elif isinstance(image, np.ndarray):
         pil = _from_array(image)
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; accepted: path, PIL.Image, numpy array")
-    w, h = pil.size
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"image {w}x{h} has {w * h} pixels, more than the limit of {max_pixels}")
+    check_pixels(pil.size, max_pixels, what)
     return to_rgb(pil)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None, what: str = "image") -> None:
+    """Raise :class:`ImageError` when ``size`` (w, h) has more than ``max_pixels`` pixels."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise too_large(w, h, max_pixels, what)
+
+
+def too_large(
+    w: int | None, h: int | None, limit: int, what: str = "image", pixels: int | None = None
+) -> ImageTooLarge:
+    """The one message for an image over a pixel limit."""
+    n = pixels if w is None or h is None else w * h
+    dims = f"{w}x{h} = " if w is not None and h is not None else ""
+    return ImageTooLarge(f"{what} is {dims}{n} pixels, more than the limit of {limit}; use a smaller image")
+
+
+def _open_file(path: Path, max_pixels: int | None, name: str | None = None) -> Image.Image:
+    """Decode ``path`` only after its header says it is small enough."""
+    what = name or f"image {str(path)!r}"
+    if not path.is_file():
+        raise ImageError(f"{what} not found")
+    # Pillow's own guard sits at 2 x Image.MAX_IMAGE_PIXELS; ours is usually far lower, and the
+    # warning Pillow prints between its two thresholds would be a second line for one refusal.
+    bomb_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        limit = min(x for x in (max_pixels, bomb_limit) if x is not None)
+        size = _header_size(path)
+        if size is not None:
+            raise too_large(*size, limit, what) from None
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(None, None, limit, what, int(m.group(1)) if m else None) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{what} is not a readable image: {e}") from None
+    with im:
+        check_pixels(im.size, max_pixels, what)
+        try:
+            return ImageOps.exif_transpose(im)  # decodes: a loaded copy, upright
+        except Image.DecompressionBombError:  # a frame larger than the header said
+            raise too_large(*im.size, bomb_limit or 0, what) from None
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+            raise ImageError(f"{what} is not a readable image: {e}") from None
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(w, h) from the header of a file Pillow refused as a decompression bomb, without decoding.
+
+    Runs the format plugins' header readers the way ``Image.open`` does, minus its size check.
+    """
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for fmt in Image.ID:
+            factory, accept = Image.OPEN[fmt]
+            ok = accept(prefix) if accept is not None else True
+            if not ok or isinstance(ok, str):  # a str is Pillow's "almost this format" warning
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, str(path)).size
+            except Exception:  # noqa: BLE001 - not this format
+                continue
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

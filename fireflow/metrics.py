@@ -1,6 +1,6 @@
 """PIE-Bench and reconstruction metrics, computed as the reference evaluator computes them.
 
-Every quirk of the protocol (``shared/EVALUATION.md``) is kept on purpose, because published numbers
+Every quirk of the protocol (docs/evaluation.md) is kept on purpose, because published numbers
 came from it: the background metrics run on the *full* masked tensors, the structure distance feeds
 DINO [0, 255] pixels normalised with the ImageNet statistics, and the CLIP "edited" score blacks out
 the background without cropping.

@@ -9,7 +9,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "images")
+#: Photos the tests use, committed with them (tests/data/README.md: source and licence).
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +29,9 @@ def tiny_editor(tiny_flux_dir):
 
 @pytest.fixture(scope="session")
 def boy_jpg():
-    path = os.path.join(SHARED_IMAGES, "boy.jpg")
-    if not os.path.exists(path):
-        pytest.skip("shared/images/boy.jpg not present")
-    return path
+    return os.path.join(DATA, "boy.jpg")
+
+
+@pytest.fixture(scope="session")
+def horse_jpg():
+    return os.path.join(DATA, "horse.jpg")

@@ -59,3 +59,29 @@ def test_demo_fireflow_beats_euler_at_equal_nfe(data32, tmp_path, demo_editor):
     eu = R.run_reconstruct(demo_editor, images, prompts, ["euler"], [9], tmp_path / "eu", progress=False)["runs"][0]
     assert ff["nfe"] == eu["nfe"] == 18
     assert ff["mse"] < eu["mse"]
+
+
+def test_cli_chain_at_its_defaults(tmp_path, demo_editor, capsys):
+    """``bench synthetic`` -> ``bench pie`` -> ``eval pie`` with no options but the folders: the demo
+    model edits at 32x32, the set is drawn at 64x64, and the edits come back at the sources' size."""
+    from PIL import Image
+
+    from fireflow.cli import main
+
+    data, edits = tmp_path / "data", tmp_path / "edits"
+    assert main(["bench", "synthetic", "--out", str(data)]) == 0
+    assert main(["bench", "pie", "--data", str(data), "--out", str(edits), "-q"]) == 0
+    assert "20 made at the model's own size, resized to their source's" in capsys.readouterr().out
+    assert main(["eval", "pie", "--data", str(data), "--edits", str(edits), "-q"]) == 0
+
+    records = [json.loads(line) for line in (edits / pie.MERGED).read_text().splitlines()]
+    assert len(records) == 20
+    assert {(tuple(r["size"]), tuple(r["model_size"]), r["nfe"]) for r in records} == {((64, 64), (32, 32), 18)}
+    for r in records:
+        with Image.open(edits / "annotation_images" / r["image_path"]) as im:
+            assert im.size == (64, 64)
+    summary = json.loads((edits / "eval_summary.json").read_text())
+    assert summary["overall"]["n"] == 20 and set(summary["per_type"]) == set(pie.PIE_TYPES.values())
+    for metric in ("psnr", "mse", "ssim"):  # the metrics that need no downloaded weights
+        assert math.isfinite(summary["overall"]["raw"][metric]), metric
+    assert 10 < summary["overall"]["raw"]["psnr"] < 60

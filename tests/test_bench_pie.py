@@ -105,7 +105,7 @@ def _run(data, out, edit=None, **kw):
 def test_run_writes_mirrored_images_and_one_record_each(data, tmp_path):
     edit = FakeEdit()
     counts = _run(data, tmp_path, edit)
-    assert counts == {"share": 20, "skipped": 0, "edited": 20, "merged": 20}
+    assert counts == {"share": 20, "skipped": 0, "edited": 20, "resized": 0, "merged": 20}
     recs = _records(tmp_path)
     assert [r["id"] for r in recs] == sorted(r["id"] for r in recs)
     for r in recs:
@@ -124,7 +124,7 @@ def test_interrupted_run_resumes_without_repeats(data, tmp_path):
     assert counts["edited"] == 7 and counts["merged"] == 0 and not (tmp_path / pie.MERGED).exists()
     second = FakeEdit()
     counts = _run(data, tmp_path, second)
-    assert counts == {"share": 20, "skipped": 7, "edited": 13, "merged": 20}
+    assert counts == {"share": 20, "skipped": 7, "edited": 13, "resized": 0, "merged": 20}
     assert sorted(first.calls + second.calls) == sorted(
         pie.clean_prompt(e["editing_prompt"]) for e in json.loads((data / "mapping_file.json").read_text()).values()
     )
@@ -219,11 +219,21 @@ def test_eval_refuses_missing_edits_and_writes_nothing(data, tmp_path):
     assert not (tmp_path / "eval_per_image.csv").exists()
 
 
-def test_eval_refuses_a_size_mismatch(data, tmp_path):
+def test_edits_at_the_models_size_come_back_at_the_sources(data, tmp_path):
+    """A model working at its own size (the demo model: 32x32) gets its edits resized to the source's
+    size, with both sizes recorded; an edit of another size put there by hand is still refused."""
+
     def shrink(image, s, t):
         return Outcome(image.resize((32, 32)), 18, 0.0)
 
-    _run(data, tmp_path, shrink, types={"0"})
+    counts = _run(data, tmp_path, shrink, types={"0"})
+    assert counts["resized"] == counts["edited"] == 2
+    recs = _records(tmp_path)
+    assert [(r["size"], r["model_size"]) for r in recs] == [([64, 64], [32, 32])] * 2
+    summary = pie.evaluate_pie(data, tmp_path, None, pie.MetricModels(), types={"0"}, progress=False)
+    assert summary["overall"]["n"] == 2 and math.isfinite(summary["overall"]["raw"]["psnr"])
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "annotation_images" / recs[0]["image_path"])
     with pytest.raises(pie.BenchError, match="edited image is 32x32, the source 64x64"):
         pie.evaluate_pie(data, tmp_path, None, pie.MetricModels(), types={"0"}, progress=False)
 

@@ -53,7 +53,7 @@ def test_solvers_by_steps_with_a_tiny_flux(images, tmp_path, tiny_editor):
         model="tiny",
     )
     nfe = {(r["solver"], r["steps"]): r["nfe"] for r in result["runs"]}
-    # Inversion + reconstruction: FireFlow 2(N+1), midpoint 4N, Euler 2N (METHOD.md section 3).
+    # Inversion + reconstruction: FireFlow 2(N+1), midpoint 4N, Euler 2N (docs/method.md, section 3).
     assert nfe == {
         ("fireflow", 1): 4,
         ("fireflow", 3): 8,

@@ -196,3 +196,31 @@ def test_long_prompt_is_truncated_quietly(image, tmp_path, tiny_flux_dir, capfd)
     err = capfd.readouterr().err
     assert code == 0 and out.is_file()
     assert "truncated" not in err and len(err) < 5_000  # was 800 KB of warnings
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--height", "0"], "--height must be a positive number of pixels, got 0"),
+        (["--height", "17"], "--height 17 is not accepted; this model takes multiples of 16 (>= 16)"),
+        (["--width", "40"], "--width 40 is not accepted; this model takes multiples of 16"),
+        (["--steps", "2", "--solver", "rk4"], "invalid choice: 'rk4'"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    ],
+)
+def test_generate_refuses_sizes_the_model_cannot_make(args, message, tmp_path, tiny_flux_dir, capsys):
+    out = tmp_path / "g.png"
+    argv = ["generate", "-p", "a cat", "--model", str(tiny_flux_dir), "-o", str(out), "-q", *args]
+    if "rk4" in args:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    else:
+        assert main(argv) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_old_double_blocks_flag_is_refused(image, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", str(image), "-s", "a", "-t", "b", "--double-blocks", "all"])
+    assert e.value.code == 2 and "unrecognized arguments: --double-blocks" in capsys.readouterr().err

@@ -235,3 +235,44 @@ def test_concurrent_edits_do_not_share_features(editor, inputs):
         torch.testing.assert_close(got, want)
     assert editor.transformer.attn_processors == dict(editor.transformer.attn_processors)
     assert not any(isinstance(p, FluxFeatureProcessor) for p in editor.transformer.attn_processors.values())
+
+
+def test_only_selected_layers_get_processors_and_others_keep_theirs(editor, inputs):
+    """A foreign processor (an IP-adapter's, say) on an unselected layer stays, and still runs."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    calls = []
+
+    class Foreign(FluxAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    name = "transformer_blocks.0.attn.processor"
+    before = dict(editor.transformer.attn_processors)
+    foreign = Foreign()
+    editor.transformer.set_attn_processor({**before, name: foreign})
+    seen = []
+    try:
+        editor.edit_latents(
+            **inputs,
+            num_steps=2,
+            callback=lambda *a: seen.append(dict(editor.transformer.attn_processors)),
+        )
+        during = seen[0]
+        assert during[name] is foreign and len(calls) == 2 * 3  # every call of both passes
+        assert all(
+            isinstance(during[f"single_transformer_blocks.{i}.attn.processor"], FluxFeatureProcessor) for i in range(3)
+        )
+        assert editor.transformer.attn_processors[name] is foreign
+    finally:
+        editor.transformer.set_attn_processor(before)
+
+
+def test_bare_transformers_get_their_family(inputs):
+    from fireflow.models.sd3.tiny import tiny_sd3_transformer
+
+    assert FireFlowEditor(transformer=tiny_transformer()).model_name == "flux"
+    assert FireFlowEditor(transformer=tiny_sd3_transformer()).model_name == "sd3"
+    with pytest.raises(ValueError, match="Linear is not a supported model"):
+        FireFlowEditor(transformer=torch.nn.Linear(2, 2))

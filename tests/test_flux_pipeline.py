@@ -147,11 +147,14 @@ def test_mask_keeps_source_latents_and_pixels(tiny_editor):
     mask[:20, :24] = True  # covers tokens (0..1, 0..1): rows 0-31 of pixels are 2 token rows
     out = tiny_editor.edit(img, "noise", "a red cat", mask=mask, num_steps=4)
     src = tiny_editor.adapter.encode_image(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1)
-    token_mask = tiny_editor.adapter.token_mask(mask, 48, 64)
-    assert token_mask.shape == (12, 1) and token_mask[:, 0].tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
-    keep = token_mask[:, 0] == 0
-    assert torch.equal(out.latents[0, keep], src[0, keep])
-    assert (out.latents[0, ~keep] - src[0, ~keep]).abs().max() > 1e-3
+    latent_mask = tiny_editor.adapter.latent_mask(mask, 48, 64)
+    # Per VAE latent cell (8x8 pixels): rows 0-2 and columns 0-2 of the 6x8 cells, packed like the tokens.
+    cells = torch.zeros(1, 4, 6, 8)
+    cells[..., :3, :3] = 1
+    assert latent_mask.shape == (12, 16) and torch.equal(latent_mask, pack(cells)[0])
+    keep = latent_mask == 0
+    assert torch.equal(out.latents[0][keep], src[0][keep])
+    assert (out.latents[0][~keep] - src[0][~keep]).abs().max() > 1e-3
     assert out.nfe == 10  # no extra model calls
     pasted = tiny_editor.edit(img, "noise", "a red cat", mask=mask, paste_pixels=True, num_steps=4)
     got = np.asarray(pasted.image)

@@ -1,4 +1,4 @@
-"""Metrics against the protocol text (shared/EVALUATION.md) and hand computations."""
+"""Metrics against the protocol text (docs/evaluation.md) and hand computations."""
 
 from __future__ import annotations
 

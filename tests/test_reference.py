@@ -1,6 +1,6 @@
 """An independent re-statement of the reference FireFlow edit, checked against ``edit_latents``.
 
-Written from METHOD.md in the style of the reference code (BFL's sampling loop, an ``info`` dict,
+Written from docs/method.md in the style of the reference code (BFL's sampling loop, an ``info`` dict,
 features keyed by float timesteps as strings), sharing nothing with fireflow's solvers or
 processors but the diffusers transformer itself.
 """

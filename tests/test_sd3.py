@@ -132,7 +132,7 @@ def test_joint_sequence_is_image_then_text(pipe, editor, inputs):
 
 
 def test_defaults_inject_in_the_documented_calls(editor, inputs):
-    out = editor._edit_latents(inputs["latents"], None, None, None, False, False, None, **_strip(inputs))
+    out = editor.edit_latents(inputs["latents"], return_dict=True, **_strip(inputs))
     n = editor.transformer.config.num_layers
     # V in every joint block but the context_pre_only last one, at the first denoising midpoint.
     assert out.injections == [(0, "midpoint", ("joint", i)) for i in range(n - 1)]
@@ -159,9 +159,7 @@ def test_injection_changes_the_output_in_each_block_kind(pipe, editor, inputs):
     last = pipe.transformer.config.num_layers - 1
     specs = [f"joint:{last}", "joint:0"] + (["attn2:0"] if pipe.transformer.config.dual_attention_layers else [])
     for spec in specs:
-        out = editor._edit_latents(
-            inputs["latents"], None, None, None, False, False, None, num_steps=4, blocks=spec, **_strip(inputs)
-        )
+        out = editor.edit_latents(inputs["latents"], return_dict=True, num_steps=4, blocks=spec, **_strip(inputs))
         kind, i = spec.split(":")
         assert {b for *_, b in out.injections} == {(kind, int(i))}
         assert (out.latents - base).abs().max() > 1e-4, spec  # the context_pre_only block too
@@ -177,19 +175,17 @@ def test_cfg_halves_get_the_source_features():
 
 
 def test_guided_inversion_and_unguided_edit_run(editor, inputs):
-    out = editor._edit_latents(
-        inputs["latents"], None, None, None, False, False, None,
-        num_steps=3, inversion_guidance=3.0, guidance=1.0, **_strip(inputs),
-    )  # fmt: skip
+    kw = dict(num_steps=3, inversion_guidance=3.0, guidance=1.0)
+    out = editor.edit_latents(inputs["latents"], return_dict=True, **kw, **_strip(inputs))
     assert out.transformer_rows == 2 * 4 + 4 and len(out.injections) == editor.transformer.config.num_layers - 1
 
 
 def test_mask_keeps_the_source_latents_exactly(editor, inputs):
     mask = np.zeros((H, W), bool)
-    mask[:32, :32] = True  # the top-left 2 x 2 tokens = 4 x 4 latent cells
-    token_mask = editor.adapter.token_mask(mask, H, W)
-    assert token_mask.shape == (1, 8, 8) and token_mask.sum() == 16
-    out = editor.edit_latents(inputs["latents"], mask=token_mask, **_strip(inputs))
+    mask[:30, :30] = True  # latent cells (8 x 8 pixels) 0..3 x 0..3
+    latent_mask = editor.adapter.latent_mask(mask, H, W)
+    assert latent_mask.shape == (1, 8, 8) and latent_mask.sum() == 16 and latent_mask[0, :4, :4].all()
+    out = editor.edit_latents(inputs["latents"], mask=latent_mask, **_strip(inputs))
     free = editor.edit_latents(inputs["latents"], **_strip(inputs))
     src = inputs["latents"]
     assert torch.equal(out[..., 4:, :], src[..., 4:, :]) and torch.equal(out[..., :, 4:], src[..., :, 4:])
@@ -240,3 +236,28 @@ def test_cli_edit_generate_reconstruct_on_a_tiny_sd3_folder(tmp_path, variant, c
     assert main(["reconstruct", str(image), "-p", "a photo", "-o", str(rec), "--steps", "3", *common]) == 0
     assert "8 NFE" in capsys.readouterr().out
     assert os.path.exists(rec)
+
+
+def test_bench_pie_and_the_web_handler_run_on_sd3(tmp_path):
+    pytest.importorskip("gradio")
+    from fireflow.bench import pie
+    from fireflow.bench._editing import edit_fn
+    from fireflow.bench.synthetic import make_synthetic_pie
+    from fireflow.web import make_edit_fn
+
+    editor = FireFlowEditor.from_pipe(tiny_sd3_pipeline(seed=1, sd35=True))
+    data = make_synthetic_pie(tmp_path / "pie", per_type=1, size=64)
+    settings = {"num_steps": 2}
+    counts = pie.run_pie(
+        data, tmp_path / "out", edit_fn(editor, settings), settings, "tiny-sd3.5", {"1"}, progress=False
+    )
+    assert counts["edited"] == 1 and counts["merged"] == 1
+    rec = (tmp_path / "out" / pie.MERGED).read_text()
+    assert '"nfe": 6' in rec  # 2 steps: 3 velocity evaluations a pass
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    (tmp_path / "web").mkdir()
+    _, api = make_edit_fn(editor, max_pixels=256 * 256, workdir=tmp_path / "web")
+    result = api(str(image), "a photo", "a painting", 2, 1, 2.0, "fireflow", "replace_v", "default", 1.0, False)
+    source, edited = result[0], result[1]
+    assert source.size == edited.size == (64, 64) and "6 NFE" in result[3]

@@ -19,7 +19,7 @@ def build_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """A ``FluxPipeline`` of FLUX.1-dev's shapes (or ``--tiny``'s), random weights, on ``device``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from fireflow.testing import _char_tokenizer
+    from fireflow.models._tiny import char_tokenizer as _char_tokenizer
 
     clip, t5 = build_text_encoders(spec, device, dtype)
     clip_tok, _ = _char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)

@@ -11,7 +11,7 @@ record per image. It is resumable and shards across processes:
 - every process that finishes merges all records present into ``OUT/records.jsonl`` (sorted by id,
   atomic), so the last one to finish leaves the complete file.
 
-``eval pie`` follows ``shared/EVALUATION.md``: per-image CSV, per-type and overall means (NaN rows
+``eval pie`` follows docs/evaluation.md: per-image CSV, per-type and overall means (NaN rows
 dropped) in PnPInversion's scaling, and the same as JSON.
 """
 
@@ -212,6 +212,7 @@ def run_pie(
         position=rank,
         disable=not progress,
     )
+    resized = 0
     for it in todo:
         source = load_rgb(data / IMAGES_DIR / it.image_path)
         extra = {}
@@ -220,7 +221,14 @@ def run_pie(
 
             extra["mask"] = decode_pie_mask(it.mask, (source.height, source.width)).astype(bool)
         result = edit(source, it.source_prompt, it.target_prompt, **extra)
-        _io.save_image(result.image, out / IMAGES_DIR / it.image_path)
+        image = result.image
+        if image.size != source.size:
+            # The model works at another size (the demo model at 32x32; FLUX crops to a multiple of 16):
+            # PIE-Bench scores an edit against its source pixel for pixel, so it is brought back to the
+            # source's size, and the record keeps the size the model made.
+            image = image.resize(source.size, Image.Resampling.LANCZOS)
+            resized += 1
+        _io.save_image(image, out / IMAGES_DIR / it.image_path)
         record = {
             "id": it.key,
             "image_path": it.image_path,
@@ -231,7 +239,8 @@ def run_pie(
             "settings": settings,
             "nfe": result.nfe,
             "seconds": round(result.seconds, 4),
-            "size": list(result.image.size),
+            "size": list(image.size),
+            "model_size": list(result.image.size),
             "rank": rank,
             "world_size": world,
             "run_id": run_id,
@@ -241,7 +250,13 @@ def run_pie(
     bar.close()
     all_done = all(is_done(out, it) for it in items)
     merged = merge_records(out) if all_done else 0
-    return {"share": len(share), "skipped": len(share) - len(pending), "edited": len(todo), "merged": merged}
+    return {
+        "share": len(share),
+        "skipped": len(share) - len(pending),
+        "edited": len(todo),
+        "resized": resized,
+        "merged": merged,
+    }
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
@@ -288,6 +303,8 @@ def bench_cli(args: argparse.Namespace) -> dict[str, int]:
         args.data, args.out, edit, settings, str(args.model), types, args.limit, rank, world, progress=not args.quiet
     )
     msg = f"[rank {rank}/{world}] edited {counts['edited']}, earlier {counts['skipped']} of {counts['share']}"
+    if counts["resized"]:
+        msg += f" ({counts['resized']} made at the model's own size, resized to their source's)"
     if counts["merged"]:
         msg += f"; all done: {counts['merged']} records in {args.out / MERGED}"
     print(msg)

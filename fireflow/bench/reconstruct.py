@@ -296,7 +296,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str = "reconstruct"
     p.add_argument("--out", type=Path, default=Path("runs/reconstruct"), help="output folder")
     p.add_argument("--solvers", nargs="+", default=["fireflow", "midpoint", "euler"], help="solvers to compare")
     p.add_argument("--steps", nargs="+", default=["8", "15", "30"], help="steps per pass (default 8 15 30)")
-    p.add_argument("--guidance", type=float, default=1.0, help="FLUX guidance, both passes (default 1)")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance, both passes (default 1)")
     p.add_argument("--limit", type=int, default=None, help="first N images only (the paper: 1000 DCI images)")
     p.add_argument("--resize", type=_size, default=None, help="resize to WIDTHxHEIGHT first (default: crop to /16)")
     p.add_argument("--squeezenet", default=None, help="torchvision squeezenet1_1 state dict for LPIPS")

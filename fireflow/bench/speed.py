@@ -363,7 +363,6 @@ def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, siz
     """``FireFlowEditor.edit`` on a whole random-weight pipeline: image and prompts in, image out."""
     from fireflow.bench import _speed_pipeline as pipeline
     from fireflow.editor import FireFlowEditor
-    from fireflow.models.flux import FluxAdapter
 
     build_start = time.perf_counter()
     pipe = pipeline.build_pipeline(spec, device, dtype)
@@ -371,7 +370,7 @@ def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, siz
     if failed is not None:
         return [{**common, **failed}]
     pipeline.offload_pipeline(pipe, args.offload, device)
-    editor = FireFlowEditor(FluxAdapter(pipe))
+    editor = FireFlowEditor.from_pipe(pipe)
     if args.compile:
         _configure_compile()
     backend = (args.attention_backend or [None])[0]

@@ -22,6 +22,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "adapter_from_pipe",
+    "adapter_from_transformer",
     "load_adapter",
     "parse_device",
     "parse_dtype",
@@ -31,7 +32,16 @@ __all__ = [
 FAMILIES: dict[str, str] = {
     "FluxPipeline": "fireflow.models.flux:FluxAdapter",
     "FluxTransformer2DModel": "fireflow.models.demo:DemoAdapter",  # a folder of demo-model weights
+    "Flux2Pipeline": "fireflow.models.flux2:Flux2Adapter",
+    "Flux2KleinPipeline": "fireflow.models.flux2:Flux2Adapter",
     "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
+}
+
+#: A bare transformer (no VAE, no text encoders) -> the family that serves its latent-level API.
+TRANSFORMERS: dict[str, str] = {
+    "FluxTransformer2DModel": "fireflow.models.flux:FluxAdapter",
+    "Flux2Transformer2DModel": "fireflow.models.flux2:Flux2Adapter",
+    "SD3Transformer2DModel": "fireflow.models.sd3:SD3Adapter",
 }
 
 DTYPES = {
@@ -73,10 +83,10 @@ def parse_device(device: str | torch.device | None, what: str = "device") -> tor
     return dev
 
 
-def _family(class_name: str, where: str) -> type[ModelAdapter]:
-    target = FAMILIES.get(class_name)
+def _family(class_name: str, where: str, table: dict[str, str] = FAMILIES) -> type[ModelAdapter]:
+    target = table.get(class_name)
     if target is None:
-        known = ", ".join(sorted(FAMILIES))
+        known = ", ".join(sorted(table))
         raise ModelLoadError(f"{where}: {class_name} is not a supported model; supported: {known}")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
@@ -87,6 +97,12 @@ def adapter_from_pipe(pipe) -> ModelAdapter:
     return _family(type(pipe).__name__, "from_pipe").from_pipe(pipe)
 
 
+def adapter_from_transformer(transformer: torch.nn.Module) -> ModelAdapter:
+    """The family adapter for a bare diffusers transformer: the latent-level API only, with the
+    family's reference scheduler config (FLUX.1-dev's for FLUX, SD3's for SD3)."""
+    return _family(type(transformer).__name__, "transformer=", TRANSFORMERS)(transformer)
+
+
 def load_adapter(
     model: str | os.PathLike = "demo",
     *,
@@ -94,17 +110,17 @@ def load_adapter(
     torch_dtype: str | torch.dtype | None = None,
     offload: str | None = None,
 ) -> ModelAdapter:
-    """``"demo"`` for the bundled model, a local diffusers folder, or a Hub id in the HF cache.
+    """``"demo"`` or ``"scenes"`` for a bundled model, a local diffusers folder, or a Hub id in the HF cache.
 
     The family comes from the folder's ``model_index.json`` ``_class_name`` (or a transformer
     folder's ``config.json``). The dtype defaults to bf16 on an accelerator and fp32 on the CPU.
     """
     dev = parse_device(device)
     dtype = parse_dtype(torch_dtype) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    if str(model) == "demo":
-        from fireflow.models.demo import DemoAdapter
+    if str(model) in ("demo", "scenes"):  # the bundled models (fireflow.models.demo.BUNDLED)
+        from fireflow.models.demo import BUNDLED, DemoAdapter
 
-        return DemoAdapter.from_pretrained(None, device=dev, torch_dtype=dtype)
+        return DemoAdapter.from_pretrained(BUNDLED[str(model)], device=dev, torch_dtype=dtype)
     folder = resolve_model_path(model)
     _, config = read_config(Path(folder))
     family = _family(config["_class_name"], str(folder))

@@ -3,6 +3,27 @@
 from __future__ import annotations
 
 
+def tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int = 4):
+    """A random ``AutoencoderKL`` that downsamples by 8 like the real ones, at toy width."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(4, 4, 8, 8),  # 4 blocks: downsampling by 8
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        mid_block_add_attention=False,  # keeps large photos cheap
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
 def char_tokenizer(bos: str | None, eos: str, pad: str, unk: str, max_length: int):
     """A character-level tokenizer (letters, digits, punctuation) that adds ``bos``/``eos``.
 

@@ -161,10 +161,11 @@ class ModelAdapter(ABC):
             )
 
     @abstractmethod
-    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        """A pixel mask ``[H, W]`` (True = edit) as a 0/1 float tensor that broadcasts against one
-        sample's latents: binary per transformer token, a token counting as edited if any of its
-        pixels is."""
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """A pixel mask ``[H, W]`` (True = edit) as a 0/1 float tensor shaped like (or broadcasting
+        against) one sample's latents: binary per latent cell (a VAE latent pixel; a pixel for
+        pixel-space models), a cell counting as edited if any of its pixels is. Finer than a
+        token: the blend needs no token granularity, and pixels outside the mask stay untouched."""
 
     # ---- text and images -------------------------------------------------------------------
     @abstractmethod
@@ -213,6 +214,17 @@ class ModelAdapter(ABC):
         return out
 
 
+def crop_to_multiple(image: Image.Image, multiple: int, resize: tuple[int, int] | None = None) -> Image.Image:
+    """Resize if asked, then crop top-left to a multiple of ``multiple``, as the reference code does."""
+    if resize is not None:
+        image = image.resize(resize, Image.Resampling.LANCZOS)
+    w, h = image.size
+    m = multiple
+    if w < m or h < m:
+        raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
+    return image.crop((0, 0, w - w % m, h - h % m))
+
+
 def _group_onload_device(module: torch.nn.Module) -> torch.device | None:
     """The device diffusers' group offloading runs ``module`` on, or None without it."""
     try:
@@ -231,7 +243,7 @@ def batch_to(x: torch.Tensor, b: int) -> torch.Tensor:
     raise ValueError(f"conditioning batch {x.shape[0]} does not match latents batch {b}")
 
 
-def grid_token_mask(mask: np.ndarray, rows: int, cols: int) -> torch.Tensor:
+def grid_mask(mask: np.ndarray, rows: int, cols: int) -> torch.Tensor:
     """``[H, W]`` bool -> ``[rows, cols]`` 0/1: a cell is 1 if any pixel under it is set.
 
     The mask is first resized to ``rows * k x cols * k`` (nearest) for the smallest k covering it.

@@ -27,6 +27,9 @@ from fireflow.models.flux import FluxAdapter, grid_ids
 __all__ = ["DemoAdapter", "MiniLMEncoder", "grid_ids", "pack", "transformer_config", "unpack"]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: The models bundled with the package, by the name ``--model`` takes: the emoji model, and the
+#: scenes model (emoji composited at random places on coloured backgrounds, fireflow.demo.scenes).
+BUNDLED = {"demo": WEIGHTS_DIR, "scenes": Path(__file__).with_name("scenes_weights")}
 #: The side the demo model was trained at; every input image is resized to it.
 RESOLUTION = 32
 #: Pixels per patch side: a token holds ``3 * PATCH**2`` channels.
@@ -142,7 +145,7 @@ class DemoAdapter(FluxAdapter):
     def __init__(self, transformer: torch.nn.Module, text_encoder: MiniLMEncoder | None = None):
         super().__init__(transformer)
         self.text_encoder = text_encoder or MiniLMEncoder(device=self.device)
-        self.multiple = PATCH
+        self.patch = self.multiple = PATCH  # pixel space: a latent cell is a pixel
         r = self.resolution
         #: What front ends print: every input is resized to the model's resolution.
         self.size_note = f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"
@@ -163,7 +166,9 @@ class DemoAdapter(FluxAdapter):
             raise FileNotFoundError(f"no demo model in {folder} (expected config.json and safetensors)")
         transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype)
         transformer = transformer.to(device).eval().requires_grad_(False)
-        return cls(transformer, MiniLMEncoder(device=device))
+        adapter = cls(transformer, MiniLMEncoder(device=device))
+        adapter.name = next((k for k, v in BUNDLED.items() if v.resolve() == folder.resolve()), "demo")
+        return adapter
 
     def running(self) -> contextlib.AbstractContextManager:
         """One CPU thread while demo-model passes run (restored afterwards): its matrices are

@@ -20,7 +20,7 @@ from fireflow.models._pipeline import (
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
@@ -71,8 +71,9 @@ class FluxAdapter(ModelAdapter):
         self.scheduler_config = dict(scheduler or (scheduler_config(pipe) if pipe is not None else FLUX_DEV_SCHEDULER))
         vae = getattr(pipe, "vae", None)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        #: Pixels per token side: the VAE's downsampling times the 2x2 packing.
-        self.multiple = self.vae_scale_factor * 2
+        #: Latent cells per token side (the 2x2 packing), and pixels per token side.
+        self.patch = 2
+        self.multiple = self.vae_scale_factor * self.patch
         if not transformer.config.guidance_embeds:
             self.guidance_kind = "none"
 
@@ -111,19 +112,15 @@ class FluxAdapter(ModelAdapter):
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
 
-    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        cells = grid_token_mask(mask, height // self.multiple, width // self.multiple)
-        return cells.reshape(-1, 1)  # [L, 1] against [L, C] tokens
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        f = self.multiple // self.patch  # pixels per latent cell
+        cells = grid_mask(mask, height // f, width // f)  # [h, w] latent cells
+        c = self.transformer.config.in_channels // (self.patch * self.patch)
+        return pack(cells[None, None].expand(1, c, *cells.shape), self.patch)[0]  # [L, C] like the tokens
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16 as the reference code does."""
-        if resize is not None:
-            image = image.resize(resize, Image.Resampling.LANCZOS)
-        w, h = image.size
-        m = self.multiple
-        if w < m or h < m:
-            raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
-        return image.crop((0, 0, w - w % m, h - h % m))
+        return crop_to_multiple(image, self.multiple, resize)
 
     # ---- text and images -----------------------------------------------------------------------
     def _need_pipe(self, what: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fireflow.models._tiny import char_tokenizer
+from fireflow.models._tiny import char_tokenizer, tiny_vae
 
 #: The tiny transformer's shape: 1 double-stream block, 2 single-stream blocks, 2 heads of 16.
 TINY_TRANSFORMER = dict(
@@ -43,28 +43,14 @@ SCHNELL_SCHEDULER = {"use_dynamic_shifting": False, "shift": 1.0}
 
 def tiny_flux_pipeline(seed: int = 0, schnell: bool = False):
     """All the components of a FLUX pipeline at toy size, random weights, in fp32."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from fireflow.models.flux import FLUX_DEV_SCHEDULER
 
     transformer = tiny_transformer(seed)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(4, 4, 8, 8),  # 4 blocks: downsampling by 8, as FLUX's VAE
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,  # keeps large photos cheap
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
+    vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
     clip_tok, clip_vocab = char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
     t5_tok, t5_vocab = char_tokenizer(None, "</s>", "<pad>", "<unk>", 512)
     torch.manual_seed(seed + 2)

@@ -35,7 +35,7 @@ from fireflow.models._pipeline import (
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_token_mask
+from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.sd3.processors import SD3FeatureProcessor, sd3_layers
 
 
@@ -105,23 +105,18 @@ class SD3Adapter(ModelAdapter):
         f = self.vae_scale_factor
         return latents.shape[-2] * f, latents.shape[-1] * f
 
-    def token_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        cells = grid_token_mask(mask, height // self.multiple, width // self.multiple)
-        p = self.patch  # a token is a p x p patch of latent cells
-        return cells.repeat_interleave(p, 0).repeat_interleave(p, 1)[None]  # [1, H/8, W/8]
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        f = self.vae_scale_factor
+        return grid_mask(mask, height // f, width // f)[None]  # [1, H/8, W/8] against [16, H/8, W/8]
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16 (VAE factor x patch)."""
-        if resize is not None:
-            image = image.resize(resize, Image.Resampling.LANCZOS)
-        w, h = image.size
-        m = self.multiple
-        if w < m or h < m:
-            raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
+        image = crop_to_multiple(image, self.multiple, resize)
         max_side = self.transformer.config.pos_embed_max_size * self.multiple
-        if max(w, h) > max_side:
+        if max(image.size) > max_side:
+            w, h = image.size
             raise ValueError(f"image {w}x{h} is larger than this model's position embedding allows ({max_side} px)")
-        return image.crop((0, 0, w - w % m, h - h % m))
+        return image
 
     def check_size(self, height: int, width: int) -> None:
         super().check_size(height, width)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fireflow.models._tiny import char_tokenizer
+from fireflow.models._tiny import char_tokenizer, tiny_vae
 
 TINY_SD3 = dict(
     sample_size=16,
@@ -58,26 +58,12 @@ def _clip(seed: int, hidden: int, projection: int, vocab: dict):
 
 def tiny_sd3_pipeline(seed: int = 0, sd35: bool = False):
     """Every component of an SD3 (or SD3.5) pipeline at toy size, random weights, fp32."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
     transformer = tiny_sd3_transformer(seed, sd35)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(4, 4, 8, 8),  # downsampling by 8, as SD3's VAE
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    ).eval()
+    vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5305)
     clip_tok, clip_vocab = char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
     clip_tok_2, _ = char_tokenizer("<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>", 77)
     t5_tok, t5_vocab = char_tokenizer(None, "</s>", "<pad>", "<unk>", 256)
