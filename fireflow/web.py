@@ -11,6 +11,7 @@ import argparse
 import atexit
 import html
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -354,7 +355,7 @@ def build_app(
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fireflow-web-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if examples is None:
-        examples = default_examples(workdir / "examples")
+        examples = default_examples(workdir / "examples", getattr(editor, "model_name", "demo"))
     page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
@@ -737,8 +738,39 @@ EXAMPLE_EDITS = (
 )
 
 
-def default_examples(folder: Path) -> list[Example]:
-    """The gallery: the bundled example images if present, else two pictures drawn into ``folder``."""
+#: The gallery of the scenes model (``--model scenes``): files in ``examples/scenes/`` whose edit
+#: keeps the layout (measured by ``python -m fireflow.demo.scenes_eval table``; docs/scenes.md).
+SCENE_GALLERY = (
+    "lemon_gray",
+    "frog_white",
+    "strawberry_sky_blue",
+    "red_apple_beige",
+    "yellow_heart_black",
+    "red_heart_white",
+)
+
+
+def scene_examples() -> list[Example]:
+    """The scenes model's gallery from ``examples/scenes/prompts.json``; empty where not bundled."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "examples" / "scenes", here.parent / "examples" / "scenes"):
+        if (folder / "prompts.json").is_file():
+            prompts = json.loads((folder / "prompts.json").read_text())
+            return [
+                Example(str(folder / f"{stem}.png"), prompts[f"{stem}.png"]["source"], prompts[f"{stem}.png"]["target"])
+                for stem in SCENE_GALLERY
+                if f"{stem}.png" in prompts and (folder / f"{stem}.png").is_file()
+            ]
+    return []
+
+
+def default_examples(folder: Path, model: str = "demo") -> list[Example]:
+    """The gallery: the bundled example images if present, else two pictures drawn into ``folder``.
+    With the scenes model (``model == "scenes"``), its scene edits."""
+    if model == "scenes":
+        found = scene_examples()
+        if found:
+            return found
     here = Path(__file__).resolve().parent
     for examples in (here / "examples", here.parent / "examples"):  # installed package data, or a checkout
         found = [

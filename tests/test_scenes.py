@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,17 @@ def test_training_on_scenes_resumes_exactly(tmp_path):
     for k, a in straight.model.state_dict().items():
         assert torch.equal(a, resumed.model.state_dict()[k]), k
     assert torch.equal(straight.gen.get_state(), resumed.gen.get_state())
+
+
+def test_web_gallery_of_the_scenes_model():
+    pytest.importorskip("gradio")
+    from fireflow import web
+
+    found = web.default_examples(Path("/nonexistent"), "scenes")
+    assert [Path(e.image).stem for e in found] == list(web.SCENE_GALLERY)
+    by_key = {c.key: c for c in E.example_cases()}
+    for e in found:
+        c = by_key[Path(e.image).stem]
+        assert (e.source, e.target) == (c.source.prompt, c.target.prompt)
+        with Image.open(e.image) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), S.to_uint8(S.composite(c.source)))
