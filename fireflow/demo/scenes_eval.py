@@ -629,7 +629,10 @@ def run_table(weights: str, out: Path, data: Path = SET_DIR, quick: bool = False
     gen_grid = to_grid([generated[i :: len(S.BACKGROUNDS)][:20] for i in range(len(S.BACKGROUNDS))], scale=2)
     atomic_write(out / "scenes_generated.png", lambda f: gen_grid.save(f, format="PNG"))
     if not quick and EXAMPLES_DIR.is_dir():
-        rows, images = run_examples(bench, model=str(weights))
+        from fireflow.models.demo import BUNDLED
+
+        bundled = str(weights) == "scenes" or Path(weights).resolve() == BUNDLED["scenes"].resolve()
+        rows, images = run_examples(bench, model="scenes" if bundled else str(weights))
         report["examples"] = rows
         ex = example_cases()
         cols = [torch.stack([S.composite(c.source) for c in ex]), torch.stack(images)]
