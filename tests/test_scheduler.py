@@ -91,19 +91,10 @@ def sd3():
 
 
 def _flux2_transformer(guidance_embeds: bool):
+    from fireflow.models.flux2.tiny import TINY_TRANSFORMER
+
     torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        timestep_guidance_channels=16,
-        axes_dims_rope=(2, 2, 2, 2),
-        guidance_embeds=guidance_embeds,
-    ).eval()
+    return Flux2Transformer2DModel(**TINY_TRANSFORMER, guidance_embeds=guidance_embeds).eval()
 
 
 def _flux2_scheduler():
