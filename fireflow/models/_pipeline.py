@@ -10,9 +10,12 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from fireflow.features import BlockId
+from fireflow.models.base import ModelAdapter
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -21,6 +24,48 @@ class ModelNotFoundError(FileNotFoundError):
 
 class ModelLoadError(ValueError):
     """A model folder that exists but cannot be loaded (corrupt config, missing weights, ...)."""
+
+
+class PipelineAdapter(ModelAdapter):
+    """A family served by a diffusers pipeline: the pipeline, its scheduler config, its VAE's
+    downsampling, loading and the execution device, as FLUX.1, SD3 and FLUX.2 share them."""
+
+    #: The diffusers pipeline classes this family loads, by name.
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    #: The scheduler config a bare transformer (no pipeline) is given.
+    reference_scheduler: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, transformer: torch.nn.Module, layers: dict[str, BlockId], pipe=None, scheduler=None):
+        super().__init__(transformer, layers)
+        self.pipe = pipe
+        own = scheduler_config(pipe) if pipe is not None else self.reference_scheduler
+        self.scheduler_config = dict(scheduler or own)
+        vae = getattr(pipe, "vae", None)
+        #: Pixels per VAE latent cell.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    @classmethod
+    def from_pipe(cls, pipe) -> PipelineAdapter:
+        return cls(pipe.transformer, pipe)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, device: torch.device, torch_dtype: torch.dtype, offload: str | None = None
+    ) -> PipelineAdapter:
+        """Load one of :attr:`pipelines` from a local folder (see ``fireflow.models.load_adapter``)."""
+        import diffusers
+
+        _, config = read_config(Path(folder))
+        name = config["_class_name"]
+        if name not in cls.pipelines:
+            raise ModelLoadError(f"{folder}: {name} is not a {cls.name} pipeline ({', '.join(cls.pipelines)})")
+        pipe = load_pipeline(getattr(diffusers, name), Path(folder), torch_dtype)
+        place(pipe, device, offload)
+        return cls.from_pipe(pipe)
+
+    @property
+    def execution_device(self) -> torch.device:
+        return self.pipe._execution_device if self.pipe is not None else super().execution_device
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

@@ -3,7 +3,6 @@ tokens, CLIP pooled + T5 text, embedded guidance, V reuse in the single-stream b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,14 +12,12 @@ from PIL import Image
 
 from fireflow.features import BlockId
 from fireflow.models._pipeline import (
-    load_pipeline,
-    place,
+    PipelineAdapter,
     quiet_truncation,
-    scheduler_config,
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_mask
+from fireflow.models.base import Conditioning, Embeds, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
 
 DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
@@ -53,7 +50,7 @@ class FluxConditioning(Conditioning):
     guidance: float | None = None  # the distilled guidance input; None for models without one
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PipelineAdapter):
     """FLUX.1 (or any diffusers ``FluxPipeline``) as the editor's model. Latents are packed
     tokens ``[B, L, 64]``, as ``FluxPipeline(latents=...)`` takes them."""
 
@@ -64,37 +61,16 @@ class FluxAdapter(ModelAdapter):
     defaults: ClassVar[dict[str, Any]] = {"blocks": "single:all"}
     generate_guidance: ClassVar[float] = 3.5
     attention_logger: ClassVar[str | None] = "diffusers.models.transformers.transformer_flux"
+    pipelines: ClassVar[tuple[str, ...]] = PIPELINES
+    reference_scheduler: ClassVar[dict[str, Any]] = FLUX_DEV_SCHEDULER
 
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
-        super().__init__(transformer, flux_layers(transformer))
-        self.pipe = pipe
-        self.scheduler_config = dict(scheduler or (scheduler_config(pipe) if pipe is not None else FLUX_DEV_SCHEDULER))
-        vae = getattr(pipe, "vae", None)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        super().__init__(transformer, flux_layers(transformer), pipe, scheduler)
         #: Latent cells per token side (the 2x2 packing), and pixels per token side.
         self.patch = 2
         self.multiple = self.vae_scale_factor * self.patch
         if not transformer.config.guidance_embeds:
             self.guidance_kind = "none"
-
-    @classmethod
-    def from_pipe(cls, pipe) -> FluxAdapter:
-        return cls(pipe.transformer, pipe)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        device: torch.device,
-        torch_dtype: torch.dtype,
-        offload: str | None = None,
-    ) -> FluxAdapter:
-        """Load a ``FluxPipeline`` folder (see :func:`fireflow.models.load_adapter`)."""
-        from diffusers import FluxPipeline
-
-        pipe = load_pipeline(FluxPipeline, folder, torch_dtype)
-        place(pipe, device, offload)
-        return cls.from_pipe(pipe)
 
     # ---- attention -------------------------------------------------------------------------
     def make_processor(self, block: BlockId, current: object) -> FluxFeatureProcessor:
@@ -103,12 +79,6 @@ class FluxAdapter(ModelAdapter):
         return proc
 
     # ---- sizes -------------------------------------------------------------------------------
-    @property
-    def execution_device(self) -> torch.device:
-        if self.pipe is not None:
-            return self.pipe._execution_device
-        return super().execution_device
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
 

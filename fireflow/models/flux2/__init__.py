@@ -29,10 +29,8 @@ Defaults, and why (nothing is measured on real FLUX.2 weights yet; see docs/flux
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -41,15 +39,11 @@ from PIL import Image
 
 from fireflow.features import ATTENTION_KWARG, BlockId
 from fireflow.models._pipeline import (
-    ModelLoadError,
-    load_pipeline,
-    place,
+    PipelineAdapter,
     quiet_truncation,
-    read_config,
-    scheduler_config,
     scheduler_sigmas,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, grid_mask
+from fireflow.models.base import Conditioning, Embeds, batch_to, grid_mask
 from fireflow.models.flux2.processors import PROCESSORS, Bounded, flux2_layers
 
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
@@ -96,18 +90,17 @@ class Flux2Conditioning(Conditioning):
     cfg: float = 1.0  # the CFG scale, where negative_prompt_embeds are set
 
 
-class Flux2Adapter(ModelAdapter):
+class Flux2Adapter(PipelineAdapter):
     """FLUX.2 [dev] or [klein] as the editor's model (see the module docs)."""
 
     name: ClassVar[str] = "flux2"
     attention_logger: ClassVar[str | None] = "diffusers.models.transformers.transformer_flux2"
 
+    pipelines: ClassVar[tuple[str, ...]] = PIPELINES
+    reference_scheduler: ClassVar[dict] = FLUX2_SCHEDULER
+
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
-        super().__init__(transformer, flux2_layers(transformer))
-        self.pipe = pipe
-        self.scheduler_config = dict(scheduler or (scheduler_config(pipe) if pipe is not None else FLUX2_SCHEDULER))
-        vae = getattr(pipe, "vae", None)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        super().__init__(transformer, flux2_layers(transformer), pipe, scheduler)
         #: Pixels per token side: the VAE's downsampling times the 2 x 2 patchify.
         self.multiple = self.vae_scale_factor * 2
         self.default_size = getattr(pipe, "default_sample_size", 128) * self.vae_scale_factor
@@ -133,35 +126,12 @@ class Flux2Adapter(ModelAdapter):
             self.generate_guidance = 1.0
             self.defaults = {"guidance": 1.0, "blocks": "single:all"}
 
-    @classmethod
-    def from_pipe(cls, pipe) -> Flux2Adapter:
-        return cls(pipe.transformer, pipe)
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | os.PathLike, device: torch.device, torch_dtype: torch.dtype, offload: str | None = None
-    ) -> Flux2Adapter:
-        """Load a ``Flux2Pipeline`` or ``Flux2KleinPipeline`` folder (see ``load_adapter``)."""
-        import diffusers
-
-        _, config = read_config(Path(folder))
-        name = config["_class_name"]
-        if name not in PIPELINES:
-            raise ModelLoadError(f"{folder}: {name} is not a FLUX.2 pipeline ({', '.join(PIPELINES)})")
-        pipe = load_pipeline(getattr(diffusers, name), Path(folder), torch_dtype)
-        place(pipe, device, offload)
-        return cls.from_pipe(pipe)
-
     # ---- attention -------------------------------------------------------------------------
     def make_processor(self, block: BlockId, current: object) -> object:
         proc = PROCESSORS[block[0]](block)
         proc._attention_backend = getattr(current, "_attention_backend", None)
         proc._parallel_config = getattr(current, "_parallel_config", None)
         return proc
-
-    @property
-    def execution_device(self) -> torch.device:
-        return self.pipe._execution_device if self.pipe is not None else super().execution_device
 
     # ---- sizes and latents -------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:

@@ -18,7 +18,6 @@ Defaults, and why (the paper has no SD3 setting):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,14 +27,12 @@ from PIL import Image
 
 from fireflow.features import BlockId
 from fireflow.models._pipeline import (
-    load_pipeline,
-    place,
+    PipelineAdapter,
     quiet_truncation,
-    scheduler_config,
     scheduler_sigmas,
     shift_mu,
 )
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter, batch_to, crop_to_multiple, grid_mask
+from fireflow.models.base import Conditioning, Embeds, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.sd3.processors import SD3FeatureProcessor, sd3_layers
 
 
@@ -48,7 +45,7 @@ class SD3Conditioning(Conditioning):
     guidance: float = 1.0  # CFG scale; CFG runs when it is > 1, as in the pipeline
 
 
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(PipelineAdapter):
     """SD3 / SD3.5 as the editor's model."""
 
     name: ClassVar[str] = "sd3"
@@ -62,12 +59,11 @@ class SD3Adapter(ModelAdapter):
     generate_guidance: ClassVar[float] = 7.0  # StableDiffusion3Pipeline's default
     attention_logger: ClassVar[str | None] = "diffusers.models.attention_processor"
 
+    pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
+    reference_scheduler: ClassVar[dict[str, Any]] = {"shift": 3.0}  # SD3's and SD3.5's
+
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
-        super().__init__(transformer, sd3_layers(transformer))
-        self.pipe = pipe
-        self.scheduler_config = dict(scheduler or (scheduler_config(pipe) if pipe is not None else {"shift": 3.0}))
-        vae = getattr(pipe, "vae", None)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        super().__init__(transformer, sd3_layers(transformer), pipe, scheduler)
         self.patch = transformer.config.patch_size
         self.multiple = self.vae_scale_factor * self.patch
         n = transformer.config.num_layers
@@ -75,26 +71,8 @@ class SD3Adapter(ModelAdapter):
         if getattr(pipe, "vae", None) is not None:
             self.default_size = transformer.config.sample_size * self.vae_scale_factor
 
-    @classmethod
-    def from_pipe(cls, pipe) -> SD3Adapter:
-        return cls(pipe.transformer, pipe)
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | os.PathLike, device: torch.device, torch_dtype: torch.dtype, offload: str | None = None
-    ) -> SD3Adapter:
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = load_pipeline(StableDiffusion3Pipeline, folder, torch_dtype)
-        place(pipe, device, offload)
-        return cls.from_pipe(pipe)
-
     def make_processor(self, block: BlockId, current: object) -> SD3FeatureProcessor:
         return SD3FeatureProcessor(block)
-
-    @property
-    def execution_device(self) -> torch.device:
-        return self.pipe._execution_device if self.pipe is not None else super().execution_device
 
     # ---- sizes -------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
