@@ -315,9 +315,11 @@ class FireFlowEditor:
     # ---- image-level API -----------------------------------------------------------------------
     def _prepare(
         self, image: ImageInput, resize: tuple[int, int] | None, max_pixels: int | None
-    ) -> tuple[Image.Image, torch.Tensor]:
-        pil = self.adapter.prepare_image(load_image(image, max_pixels), resize)
-        return pil, self.adapter.encode_image(to_tensor(pil))
+    ) -> tuple[Image.Image, torch.Tensor, Image.Image]:
+        """``(image as the model sees it, its latents, the input as loaded)``."""
+        original = load_image(image, max_pixels)
+        pil = self.adapter.prepare_image(original, resize)
+        return pil, self.adapter.encode_image(to_tensor(pil)), original
 
     def _prepare_mask(self, mask: np.ndarray, resize: tuple[int, int] | None, size: tuple[int, int]) -> np.ndarray:
         """The input-sized mask through the model's size policy. It goes in as black = edit, so
@@ -400,9 +402,7 @@ class FireFlowEditor:
         if paste_pixels and mask is None:
             raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
         start = time.perf_counter()
-        original = load_image(image, max_pixels)
-        src_image = self.adapter.prepare_image(original, resize)
-        latents = self.adapter.encode_image(to_tensor(src_image))
+        src_image, latents, original = self._prepare(image, resize, max_pixels)
         pixel_mask = None
         if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
             pixel_mask = self._prepare_mask(load_mask(mask, original.size), resize, src_image.size)
@@ -435,7 +435,7 @@ class FireFlowEditor:
     def _invert_image(self, image, prompt, settings, resize, max_pixels, progress):
         """Prepare, encode and invert an image; returns what sampling back needs too."""
         s = settings.check()
-        src_image, latents = self._prepare(image, resize, max_pixels)
+        src_image, latents, _ = self._prepare(image, resize, max_pixels)
         h, w = src_image.height, src_image.width
         cond = self.adapter.conditioning(self._encode_prompts([prompt]), h, w, s.inversion_guidance)
         ts = self.adapter.timesteps(s.num_steps, h, w)
