@@ -59,14 +59,16 @@ def check_edit_options(args: argparse.Namespace) -> EditSettings:
     return knobs.settings_from_args(args)
 
 
-def check_model_options(args: argparse.Namespace) -> None:
-    """The device exists here: said before any model loads."""
-    from fireflow.models import parse_device
+def check_model_options(args: argparse.Namespace, needs_pipeline: bool = True) -> None:
+    """The device exists here, and the model is one the command can use: said before any model loads."""
+    from fireflow.models import parse_device, require_pipeline
 
     try:
         parse_device(args.device, what="--device")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if needs_pipeline:
+        require_pipeline(args.model, f"fireflow {args.command}")
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -158,18 +160,18 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
         load_mask(args.mask, image.size)  # a bad mask fails before the model loads, too
     editor = load_editor(args)
-    editor.resolve(settings)  # blocks against this model, before any work
+    resolved = editor.resolve(settings)  # once: blocks against this model, before any work
     out = editor.edit(
         image,
         args.source,
         args.target,
+        resolved,
         resize=args.resize,
         max_pixels=args.max_pixels,
         mask=args.mask,
         paste_pixels=args.paste_pixels,
         reconstruction=recon_path is not None,
         progress=not args.quiet,
-        **settings.as_kwargs(),
     )
     for img, path in zip(out.images, outs, strict=True):
         save_image_atomic(img, path)
@@ -178,7 +180,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         outs.append(recon_path)
     masked = ", masked" if args.mask else ""
     _report(
-        f"edit ({out.settings['solver']}, {out.settings['num_steps']} steps, "
+        f"edit ({out.settings.solver}, {out.settings.num_steps} steps, "
         f"{len(out.injections)} block calls injected{masked})",
         out,
         outs,
@@ -186,75 +188,64 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
 
 
-def _pass_kwargs(args: argparse.Namespace) -> dict:
-    """The options ``reconstruct`` and ``invert`` share, checked before a model loads."""
-    s = EditSettings(num_steps=args.steps, inject=0, guidance=args.guidance, solver=args.solver).check()
+def _pass(args: argparse.Namespace):
+    """Checked settings, a checked model and the loaded image for ``reconstruct`` and ``invert``."""
+    settings = check_edit_options(args)
     check_model_options(args)
-    return dict(
-        num_steps=s.num_steps,
-        guidance=s.guidance,
-        solver=s.solver,
-        resize=args.resize,
-        max_pixels=args.max_pixels,
-        progress=not args.quiet,
-    )
+    return settings, load_image(args.image, args.max_pixels)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    kwargs = _pass_kwargs(args)
     out_path = _output(args.output, IMAGE_SUFFIXES)
     _distinct([("the input image", Path(args.image)), ("-o", out_path)])
-    image = load_image(args.image, args.max_pixels)
-    out = load_editor(args).reconstruct(image, args.prompt, **kwargs)
+    settings, image = _pass(args)
+    editor = load_editor(args)
+    s = editor.resolve(settings, "reconstruct")
+    run = dict(resize=args.resize, max_pixels=args.max_pixels, progress=not args.quiet)
+    out = editor.reconstruct(image, args.prompt, s, **run)
     save_image_atomic(out.image, out_path)
-    _report(f"reconstruct ({args.solver}, {args.steps} steps)", out, [out_path], image)
+    _report(f"reconstruct ({s.solver}, {s.num_steps} steps)", out, [out_path], image)
 
 
 def cmd_invert(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import save
 
-    kwargs = _pass_kwargs(args)
     out_path = _output(args.output, (".safetensors",))
-    image = load_image(args.image, args.max_pixels)
-    out = load_editor(args).invert(image, args.prompt, **kwargs)
-    meta = {k: str(v) for k, v in out.settings.items()}
+    _distinct([("the input image", Path(args.image)), ("-o", out_path)])
+    settings, image = _pass(args)
+    editor = load_editor(args)
+    s = editor.resolve(settings, "invert")
+    run = dict(resize=args.resize, max_pixels=args.max_pixels, progress=not args.quiet)
+    out = editor.invert(image, args.prompt, s, **run)
+    meta = {k: str(getattr(s, k)) for k in ("num_steps", "inversion_guidance", "solver")}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     tensors = {"latents": out.latents.detach().to("cpu", torch.float32).contiguous()}
     atomic_write(out_path, lambda f: f.write(save(tensors, metadata=meta)))
-    _report(f"invert ({args.solver}, {args.steps} steps)", out, [out_path])
+    _report(f"invert ({s.solver}, {s.num_steps} steps)", out, [out_path])
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
-    s = EditSettings(num_steps=args.steps, inject=0, guidance=args.guidance, solver=args.solver).check()
+    settings = check_edit_options(args)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive number of pixels, got {value}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     check_model_options(args)
     out_path = _output(args.output, IMAGE_SUFFIXES)
     editor = load_editor(args)
-    height = editor.adapter.default_size if args.height is None else args.height
-    width = editor.adapter.default_size if args.width is None else args.width
+    g = editor.adapter.default_geometry(args.height, args.width)
     try:
-        editor.adapter.check_size(height, width)
+        editor.adapter.check_geometry(g)
     except ValueError as e:
         raise UsageError(str(e).replace("height ", "--height ", 1).replace("width ", "--width ", 1)) from None
-    out = editor.generate(
-        args.prompt,
-        height=height,
-        width=width,
-        num_steps=s.num_steps,
-        guidance=s.guidance,
-        solver=s.solver,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    save_image_atomic(out.image, out_path)
-    _report(f"generate ({args.solver}, {args.steps} steps)", out, [out_path])
+    s = editor.resolve(settings, "generate")
+    out = editor.generate(args.prompt, s, height=g.height, width=g.width, seed=args.seed, progress=not args.quiet)
+    save_image_atomic(out.images[0], out_path)
+    _report(f"generate ({s.solver}, {s.num_steps} steps)", out, [out_path])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,21 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_edit)
 
-    for name, func, helptext, default_out, guidance in (
-        (
-            "reconstruct",
-            cmd_reconstruct,
-            "invert and sample back with the same prompt",
-            "reconstruction.png",
-            1.0,
-        ),
-        ("invert", cmd_invert, "invert an image to noise latents (.safetensors)", "latents.safetensors", 1.0),
+    for name, func, helptext, default_out in (
+        ("reconstruct", cmd_reconstruct, "invert and sample back with the same prompt", "reconstruction.png"),
+        ("invert", cmd_invert, "invert an image to noise latents (.safetensors)", "latents.safetensors"),
     ):
         p = sub.add_parser(name, help=helptext)
         _add_image_options(p)
         p.add_argument("-p", "--prompt", required=True, help="prompt describing the image")
         p.add_argument("-o", "--output", default=default_out)
-        _add_solver_options(p, guidance)
+        knobs.add_verb_arguments(p, name)
         add_model_options(p)
         _add_run_options(p)
         p.set_defaults(func=func)
@@ -301,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    _add_solver_options(p, None)
+    knobs.add_verb_arguments(p, "generate")
     add_model_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_generate)
@@ -313,14 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != module:  # the front end exists but a dependency of it is missing
                 raise
     return parser
-
-
-def _add_solver_options(p: argparse.ArgumentParser, guidance: float | None) -> None:
-    k = knobs.KNOBS
-    p.add_argument("--steps", type=int, default=8, help="steps (default 8)")
-    p.add_argument("--solver", default="fireflow", choices=k["solver"].choices, help=k["solver"].help)
-    shown = "the family's" if guidance is None else f"{guidance:g}"
-    p.add_argument("--guidance", type=float, default=guidance, help=f"guidance (default {shown})")
 
 
 def main(argv: list[str] | None = None) -> int:

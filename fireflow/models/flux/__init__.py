@@ -11,18 +11,18 @@ import torch
 from PIL import Image
 
 from fireflow.features import BlockId
-from fireflow.models._pipeline import (
-    PipelineAdapter,
-    quiet_truncation,
-    scheduler_sigmas,
-    shift_mu,
+from fireflow.models._pipeline import PipelineAdapter, scheduler_sigmas, shift_mu
+from fireflow.models.base import (
+    Conditioning,
+    Embeds,
+    Geometry,
+    batch_to,
+    crop_to_multiple,
+    grid_mask,
+    one_frame,
+    still_mask,
 )
-from fireflow.models.base import Conditioning, Embeds, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
-
-DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
-PIPELINES = ("FluxPipeline",)
-TRANSFORMERS = ("FluxTransformer2DModel",)
 
 #: FLUX.1-dev's scheduler config: what a bare transformer is given when no pipeline comes with it.
 FLUX_DEV_SCHEDULER = {
@@ -34,11 +34,6 @@ FLUX_DEV_SCHEDULER = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
-
-
-def calculate_mu(image_seq_len: int, config: dict[str, Any]) -> float:
-    """FLUX's resolution-dependent shift for ``image_seq_len`` packed tokens (see ``shift_mu``)."""
-    return shift_mu(image_seq_len, config)
 
 
 @dataclass
@@ -55,22 +50,27 @@ class FluxAdapter(PipelineAdapter):
     tokens ``[B, L, 64]``, as ``FluxPipeline(latents=...)`` takes them."""
 
     name: ClassVar[str] = "flux"
+    pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
+    transformers: ClassVar[tuple[str, ...]] = ("FluxTransformer2DModel",)
     embed_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_prompt_embeds")
     guidance_kind: ClassVar[str] = "embedded"
     #: The paper's PIE-Bench setting (its reference README): V replaced in all single blocks.
-    defaults: ClassVar[dict[str, Any]] = {"blocks": "single:all"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"blocks": "single:all"}
     generate_guidance: ClassVar[float] = 3.5
     attention_logger: ClassVar[str | None] = "diffusers.models.transformers.transformer_flux"
-    pipelines: ClassVar[tuple[str, ...]] = PIPELINES
     reference_scheduler: ClassVar[dict[str, Any]] = FLUX_DEV_SCHEDULER
+    #: Latent cells per token side (the 2x2 packing).
+    patch: ClassVar[int] = 2
 
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
         super().__init__(transformer, flux_layers(transformer), pipe, scheduler)
-        #: Latent cells per token side (the 2x2 packing), and pixels per token side.
-        self.patch = 2
+        #: Pixels per token side.
         self.multiple = self.vae_scale_factor * self.patch
-        if not transformer.config.guidance_embeds:
-            self.guidance_kind = "none"
+
+    @classmethod
+    def variant(cls, transformer: torch.nn.Module, pipe=None) -> type[FluxAdapter]:
+        """FLUX.1 without a guidance input (schnell, or a model trained so) is its own variant."""
+        return cls if transformer.config.guidance_embeds else FluxUnguidedAdapter
 
     # ---- attention -------------------------------------------------------------------------
     def make_processor(self, block: BlockId, current: object) -> FluxFeatureProcessor:
@@ -79,12 +79,16 @@ class FluxAdapter(PipelineAdapter):
         return proc
 
     # ---- sizes -------------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
+    def tokens(self, geometry: Geometry) -> int:
+        """Packed image tokens of one sample."""
+        return (geometry.height // self.multiple) * (geometry.width // self.multiple)
 
-    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+    def latent_shape(self, geometry: Geometry) -> tuple[int, int]:
+        return (self.tokens(geometry), self.transformer.config.in_channels)
+
+    def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
         f = self.multiple // self.patch  # pixels per latent cell
-        cells = grid_mask(mask, height // f, width // f)  # [h, w] latent cells
+        cells = grid_mask(still_mask(mask), geometry.height // f, geometry.width // f)  # [h, w] latent cells
         c = self.transformer.config.in_channels // (self.patch * self.patch)
         return pack(cells[None, None].expand(1, c, *cells.shape), self.patch)[0]  # [L, C] like the tokens
 
@@ -93,61 +97,56 @@ class FluxAdapter(PipelineAdapter):
         return crop_to_multiple(image, self.multiple, resize)
 
     # ---- text and images -----------------------------------------------------------------------
-    def _need_pipe(self, what: str):
-        if self.pipe is None or getattr(self.pipe, "vae", None) is None and what == "vae":
-            raise RuntimeError(f"this editor has no {what}: use the *_latents methods with embeddings")
-        return self.pipe
-
     def encode_prompt(self, prompts: list[str]) -> Embeds:
-        pipe = self._need_pipe("text encoders")
-        with quiet_truncation():
-            prompt_embeds, pooled, _ = pipe.encode_prompt(
-                prompts, prompt_2=None, device=self.execution_device, max_sequence_length=512
-            )
+        pipe = self.need_pipe("text encoders")
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompts, prompt_2=None, device=self.execution_device, max_sequence_length=512
+        )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self._need_pipe("vae").vae
-        x = pixels.to(self.execution_device, vae.dtype)
+        vae = self.need_pipe("VAE", "vae").vae
+        x = one_frame(pixels).to(self.execution_device, vae.dtype)
         latents = vae.encode(x).latent_dist.mean  # the posterior mean: deterministic
         latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
         return pack(latents)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self._need_pipe("vae").vae
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        vae = self.need_pipe("VAE", "vae").vae
         f = self.vae_scale_factor
-        z = unpack(latents, height // f, width // f)
+        z = unpack(latents, geometry.height // f, geometry.width // f)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(z.to(vae.dtype)).sample.float()
+        return vae.decode(z.to(vae.dtype)).sample.float()[:, None]
 
     # ---- time and the velocity -----------------------------------------------------------------
-    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
         """``FluxPipeline``'s grid: ``sigmas = linspace(1, 1/N, N)`` shifted by ``mu(L)`` (or the
         static ``shift`` where the config turns dynamic shifting off, as FLUX.1-schnell's does)."""
         cfg = self.scheduler_config
-        seq_len = (height // self.multiple) * (width // self.multiple)
-        mu = calculate_mu(seq_len, cfg)
+        mu = shift_mu(self.tokens(geometry), cfg)
         if cfg.get("use_flow_sigmas"):  # FluxPipeline leaves the sigmas to such a scheduler
             return scheduler_sigmas(cfg, num_inference_steps=num_steps, mu=mu)
         return scheduler_sigmas(cfg, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
-    def conditioning(self, embeds: Embeds, height: int, width: int, guidance: float) -> FluxConditioning:
+    def conditioning(self, embeds: Embeds, geometry: Geometry, guidance: float) -> FluxConditioning:
         device, dtype = self.execution_device, self.dtype  # each walks the model's modules: once
         prompt_embeds = embeds["prompt_embeds"].to(device, dtype)
         pooled = embeds.get("pooled_prompt_embeds")
         if pooled is None:
             raise ValueError("FLUX.1 needs pooled_prompt_embeds (the CLIP pooled vector)")
         return FluxConditioning(
-            height,
-            width,
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled.to(device, dtype),
             txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-            img_ids=grid_ids(height // self.multiple, width // self.multiple).to(device, dtype),
-            guidance=guidance if self.transformer.config.guidance_embeds else None,
+            img_ids=self.image_ids(geometry).to(device, dtype),
+            guidance=guidance if self.guidance_kind == "embedded" else None,
         )
+
+    def image_ids(self, geometry: Geometry) -> torch.Tensor:
+        """Position ids of one sample's image tokens."""
+        return grid_ids(geometry.height // self.multiple, geometry.width // self.multiple)
 
     def velocity(
         self, latents: torch.Tensor, t: float, cond: FluxConditioning, attention_kwargs: dict | None = None
@@ -161,18 +160,23 @@ class FluxAdapter(PipelineAdapter):
         guidance = None
         if cond.guidance is not None:
             guidance = torch.full((b,), cond.guidance, device=device, dtype=torch.float32)
-        with self.eager_if(attention_kwargs):
-            return self.transformer(
-                hidden_states=latents.to(cond.prompt_embeds.dtype),
-                encoder_hidden_states=batch_to(cond.prompt_embeds, b),
-                pooled_projections=batch_to(cond.pooled_prompt_embeds, b),
-                timestep=timestep,
-                img_ids=cond.img_ids,
-                txt_ids=cond.txt_ids,
-                guidance=guidance,
-                joint_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
+        return self.transformer(
+            hidden_states=latents.to(cond.prompt_embeds.dtype),
+            encoder_hidden_states=batch_to(cond.prompt_embeds, b),
+            pooled_projections=batch_to(cond.pooled_prompt_embeds, b),
+            timestep=timestep,
+            img_ids=cond.img_ids,
+            txt_ids=cond.txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+
+
+class FluxUnguidedAdapter(FluxAdapter):
+    """FLUX.1 without a guidance input (FLUX.1-schnell, or a model trained without one)."""
+
+    guidance_kind: ClassVar[str] = "none"
 
 
 def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:

@@ -7,6 +7,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from fireflow.features import BlockId, FeatureReuse
+from fireflow.models.base import attention_modules
 
 
 class FluxFeatureProcessor:
@@ -83,10 +84,10 @@ def _projections(
 
 
 def flux_layers(transformer: torch.nn.Module) -> dict[str, BlockId]:
-    """Processor name -> block id for every attention layer of a ``FluxTransformer2DModel``."""
+    """Attention module path -> block id for every attention layer of a ``FluxTransformer2DModel``."""
     out: dict[str, BlockId] = {}
     kinds = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
-    for name in transformer.attn_processors:
+    for name in attention_modules(transformer):
         parts = name.split(".")
         if parts[0] not in kinds:
             raise ValueError(f"not a FLUX.1 transformer: unexpected attention layer {name!r}")

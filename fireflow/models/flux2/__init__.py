@@ -38,26 +38,19 @@ import torch
 from PIL import Image
 
 from fireflow.features import ATTENTION_KWARG, BlockId
-from fireflow.models._pipeline import (
-    PipelineAdapter,
-    quiet_truncation,
-    scheduler_sigmas,
+from fireflow.models._pipeline import PipelineAdapter, scheduler_sigmas
+from fireflow.models.base import (
+    Conditioning,
+    Embeds,
+    Geometry,
+    batch_to,
+    crop_to_multiple,
+    grid_mask,
+    one_frame,
+    still_mask,
 )
-from fireflow.models.base import Conditioning, Embeds, batch_to, grid_mask
+from fireflow.models.flux import FLUX_DEV_SCHEDULER
 from fireflow.models.flux2.processors import PROCESSORS, Bounded, flux2_layers
-
-PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
-
-#: FLUX.2's scheduler config, for a bare transformer that comes without a pipeline.
-FLUX2_SCHEDULER = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
 
 #: Text tokens per prompt: both pipelines pad and truncate to 512.
 MAX_SEQUENCE_LENGTH = 512
@@ -94,37 +87,38 @@ class Flux2Adapter(PipelineAdapter):
     """FLUX.2 [dev] or [klein] as the editor's model (see the module docs)."""
 
     name: ClassVar[str] = "flux2"
+    pipelines: ClassVar[tuple[str, ...]] = ("Flux2Pipeline", "Flux2KleinPipeline")
+    transformers: ClassVar[tuple[str, ...]] = ("Flux2Transformer2DModel",)
     attention_logger: ClassVar[str | None] = "diffusers.models.transformers.transformer_flux2"
-
-    pipelines: ClassVar[tuple[str, ...]] = PIPELINES
-    reference_scheduler: ClassVar[dict] = FLUX2_SCHEDULER
+    #: FLUX.2's scheduler config (the same constants as FLUX.1-dev's), for a bare transformer.
+    reference_scheduler: ClassVar[dict] = FLUX_DEV_SCHEDULER
+    guidance_kind: ClassVar[str] = "none"
+    DEFAULTS: ClassVar[dict] = {"guidance": 1.0, "blocks": "single:all"}
+    #: A few-step model: an inversion on it warns once.
+    few_step: ClassVar[bool] = False
+    #: Whether ``output_type="latent"`` returns the VAE's own latents (Flux2KleinPipeline) rather
+    #: than the packed tokens (Flux2Pipeline).
+    vae_latent_output: ClassVar[bool] = False
 
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
         super().__init__(transformer, flux2_layers(transformer), pipe, scheduler)
         #: Pixels per token side: the VAE's downsampling times the 2 x 2 patchify.
         self.multiple = self.vae_scale_factor * 2
         self.default_size = getattr(pipe, "default_sample_size", 128) * self.vae_scale_factor
-        klein = type(pipe).__name__ == "Flux2KleinPipeline"
-        # Only the pipeline's config says distilled; a bare transformer gets [klein] base's CFG, which
-        # runs only with guidance > 1 and negative_prompt_embeds.
-        distilled = klein and bool(pipe.config.get("is_distilled", False))
-        #: A few-step model: warn once when an inversion runs on it.
-        self.few_step = distilled
         self._warned = False
+
+    @classmethod
+    def variant(cls, transformer: torch.nn.Module, pipe=None) -> type[Flux2Adapter]:
+        """From the configs, never a folder name: a guidance input means [dev]; a
+        ``Flux2KleinPipeline`` is [klein], distilled where its config says ``is_distilled``; a bare
+        transformer without guidance input gets [klein] base's CFG (which runs only with guidance
+        > 1 and negative_prompt_embeds)."""
         if transformer.config.guidance_embeds:
-            self.name, self.guidance_kind, self.embed_names = "flux2-dev", "embedded", ("prompt_embeds",)
-            self.generate_guidance = 4.0  # Flux2Pipeline's default
-            self.defaults = {"guidance": 2.0, "blocks": "single:all"}
-        elif not distilled and (klein or pipe is None):  # [klein] base, or a bare transformer
-            self.name, self.guidance_kind = "flux2-klein", "cfg"
-            self.embed_names = ("prompt_embeds", "negative_prompt_embeds")
-            self.generate_guidance = 4.0  # Flux2KleinPipeline's default
-            self.defaults = {"guidance": 2.0, "blocks": "single:all"}
-        else:
-            self.name = "flux2-klein-distilled" if distilled else "flux2"
-            self.guidance_kind, self.embed_names = "none", ("prompt_embeds",)
-            self.generate_guidance = 1.0
-            self.defaults = {"guidance": 1.0, "blocks": "single:all"}
+            return Flux2DevAdapter
+        klein = type(pipe).__name__ == "Flux2KleinPipeline"
+        if klein and bool(pipe.config.get("is_distilled", False)):
+            return Flux2KleinDistilledAdapter
+        return Flux2KleinAdapter if klein or pipe is None else Flux2Adapter
 
     # ---- attention -------------------------------------------------------------------------
     def make_processor(self, block: BlockId, current: object) -> object:
@@ -134,90 +128,112 @@ class Flux2Adapter(PipelineAdapter):
         return proc
 
     # ---- sizes and latents -------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        return ((height // self.multiple) * (width // self.multiple), self.transformer.config.in_channels)
+    def grid(self, geometry: Geometry) -> tuple[int, int]:
+        """Token rows and columns of one sample."""
+        return geometry.height // self.multiple, geometry.width // self.multiple
 
-    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+    def latent_shape(self, geometry: Geometry) -> tuple[int, int]:
+        rows, cols = self.grid(geometry)
+        return (rows * cols, self.transformer.config.in_channels)
+
+    def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
         f = self.multiple // 2  # pixels per VAE latent cell; a token is 2 x 2 cells
-        cells = grid_mask(mask, height // f, width // f)
+        cells = grid_mask(still_mask(mask), geometry.height // f, geometry.width // f)
         c = self.transformer.config.in_channels // 4
         return pack(patchify(cells[None, None].expand(1, c, *cells.shape)))[0]  # [L, 4C] like the tokens
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16, as for FLUX.1."""
-        if resize is not None:
-            image = image.resize(resize, Image.Resampling.LANCZOS)
-        w, h = image.size
-        m = self.multiple
-        if w < m or h < m:
-            raise ValueError(f"image {w}x{h} is smaller than the model's minimum {m}x{m}")
-        return image.crop((0, 0, w - w % m, h - h % m))
+        return crop_to_multiple(image, self.multiple, resize)
 
-    def _pipe(self, what: str):
-        if self.pipe is None or (what == "vae" and getattr(self.pipe, "vae", None) is None):
-            raise RuntimeError(f"this editor has no {what}: use the *_latents methods with embeddings")
-        return self.pipe
+    # ---- the pipelines' own latent layouts ---------------------------------------------------------
+    def geometry_of(self, latents: torch.Tensor) -> Geometry | None:
+        """Unpacked layouts carry their size: ``latents=``'s ``[B, 128, H/16, W/16]`` and
+        ``[klein]``'s ``output_type="latent"`` ``[B, 32, H/8, W/8]``."""
+        c = self.transformer.config.in_channels
+        if latents.dim() == 4 and latents.shape[1] in (c, c // 4):
+            f = self.multiple if latents.shape[1] == c else self.vae_scale_factor
+            return Geometry(latents.shape[-2] * f, latents.shape[-1] * f)
+        return None
+
+    def from_pipeline_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Packed tokens as they are; ``latents=``'s ``[B, 128, h, w]`` noise packed; the VAE's own
+        latents ``[B, 32, H/8, W/8]`` ([klein]'s output) patchified, normalised, packed."""
+        if latents.dim() != 4:
+            return latents
+        if latents.shape[1] == self.transformer.config.in_channels:
+            return pack(latents)
+        tokens = pack(patchify(latents.float()))
+        mean, std = self._bn(tokens.device)
+        return (tokens - mean) / std
+
+    def to_pipeline_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """What the pipeline's ``output_type="latent"`` returns: packed tokens for [dev], the
+        VAE's own latents for [klein]."""
+        return self.vae_latents(latents, geometry) if self.vae_latent_output else latents
+
+    def to_pipeline_noise(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Both pipelines' ``latents=`` take ``[B, 128, H/16, W/16]``."""
+        return unpack(latents, *self.grid(geometry))
 
     def _bn(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's BatchNorm running mean and std over the 128 patchified channels, fp32."""
-        vae = self._pipe("vae").vae
+        vae = self.need_pipe("VAE", "vae").vae
         mean = vae.bn.running_mean.float().to(device)
         std = torch.sqrt(vae.bn.running_var.float().to(device) + vae.config.batch_norm_eps)
         return mean, std
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self._pipe("vae").vae
-        z = vae.encode(pixels.to(self.execution_device, vae.dtype)).latent_dist.mode()  # deterministic
+        vae = self.need_pipe("VAE", "vae").vae
+        z = vae.encode(one_frame(pixels).to(self.execution_device, vae.dtype)).latent_dist.mode()  # deterministic
         tokens = pack(patchify(z.float()))
         mean, std = self._bn(tokens.device)
         return (tokens - mean) / std
 
-    def vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """Packed, normalised tokens -> the VAE's own latents ``[B, 32, H/8, W/8]``: what
         ``Flux2KleinPipeline(output_type="latent")`` returns."""
         mean, std = self._bn(latents.device)
         tokens = latents.float() * std + mean
-        return unpatchify(unpack(tokens, height // self.multiple, width // self.multiple))
+        return unpatchify(unpack(tokens, *self.grid(geometry)))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self._pipe("vae").vae
-        z = self.vae_latents(latents, height, width)
-        return vae.decode(z.to(vae.dtype)).sample.float()
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        vae = self.need_pipe("VAE", "vae").vae
+        z = self.vae_latents(latents, geometry)
+        return vae.decode(z.to(vae.dtype)).sample.float()[:, None]
 
     # ---- text ----------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> Embeds:
         """The pipeline's own encoding (Mistral-3 for [dev], Qwen3 for [klein]); [klein] base adds
         the empty negative prompt, the only one its pipeline uses."""
-        pipe = self._pipe("text encoder")
+        pipe = self.need_pipe("text encoder")
         device = self.execution_device
-        with quiet_truncation():
-            embeds, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
-            out = {"prompt_embeds": embeds}
-            if self.guidance_kind == "cfg":
-                negative, _ = pipe.encode_prompt([""], device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
-                out["negative_prompt_embeds"] = negative.expand(len(prompts), *negative.shape[1:])
+        embeds, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        out = {"prompt_embeds": embeds}
+        if self.guidance_kind == "cfg":
+            negative, _ = pipe.encode_prompt([""], device=device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            out["negative_prompt_embeds"] = negative.expand(len(prompts), *negative.shape[1:])
         return out
 
     # ---- time and the velocity -----------------------------------------------------------------
-    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
         """The FLUX.2 pipelines' grid: ``sigmas = linspace(1, 1/N, N)`` shifted with
         ``mu = empirical_mu(L, N)`` by the scheduler the config describes (which may ignore mu,
         or make its own sigmas where it has ``use_flow_sigmas``)."""
         cfg = self.scheduler_config
-        mu = empirical_mu((height // self.multiple) * (width // self.multiple), num_steps)
+        rows, cols = self.grid(geometry)
+        mu = empirical_mu(rows * cols, num_steps)
         if cfg.get("use_flow_sigmas"):
             return scheduler_sigmas(cfg, num_inference_steps=num_steps, mu=mu)
         return scheduler_sigmas(cfg, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
 
-    def conditioning(self, embeds: Embeds, height: int, width: int, guidance: float) -> Flux2Conditioning:
+    def conditioning(self, embeds: Embeds, geometry: Geometry, guidance: float) -> Flux2Conditioning:
         device, dtype = self.execution_device, self.dtype
         prompt_embeds = embeds["prompt_embeds"].to(device, dtype)
-        img_ids = image_ids(height // self.multiple, width // self.multiple).to(device)
+        img_ids = image_ids(*self.grid(geometry)).to(device)
         cond = Flux2Conditioning(
-            height,
-            width,
             prompt_embeds=prompt_embeds,
             txt_ids=text_ids(prompt_embeds.shape[1]).to(device),
             img_ids=img_ids,
@@ -278,17 +294,44 @@ class Flux2Adapter(PipelineAdapter):
         guidance = None
         if cond.guidance is not None:
             guidance = torch.full((n,), cond.guidance, device=device, dtype=torch.float32)
-        with self.eager_if(attention_kwargs):
-            return self.transformer(
-                hidden_states=x,
-                encoder_hidden_states=text,
-                timestep=timestep,
-                img_ids=cond.img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                joint_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
+        return self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            timestep=timestep,
+            img_ids=cond.img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+
+
+class Flux2DevAdapter(Flux2Adapter):
+    """FLUX.2 [dev]: Mistral-3 text, guidance embedded (guidance-distilled)."""
+
+    name: ClassVar[str] = "flux2-dev"
+    guidance_kind: ClassVar[str] = "embedded"
+    generate_guidance: ClassVar[float] = 4.0  # Flux2Pipeline's default
+    DEFAULTS: ClassVar[dict] = {"guidance": 2.0, "blocks": "single:all"}
+
+
+class Flux2KleinAdapter(Flux2Adapter):
+    """FLUX.2 [klein] base: Qwen3 text, true CFG with the empty negative prompt."""
+
+    name: ClassVar[str] = "flux2-klein"
+    guidance_kind: ClassVar[str] = "cfg"
+    embed_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "negative_prompt_embeds")
+    generate_guidance: ClassVar[float] = 4.0  # Flux2KleinPipeline's default
+    DEFAULTS: ClassVar[dict] = {"guidance": 2.0, "blocks": "single:all"}
+    vae_latent_output: ClassVar[bool] = True
+
+
+class Flux2KleinDistilledAdapter(Flux2Adapter):
+    """FLUX.2 [klein] distilled: a few-step model without guidance; inversion warns once."""
+
+    name: ClassVar[str] = "flux2-klein-distilled"
+    few_step: ClassVar[bool] = True
+    vae_latent_output: ClassVar[bool] = True
 
 
 # ---- the latent layout -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from fireflow.features import BlockId
+from fireflow.models.base import attention_modules
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -136,11 +137,11 @@ PROCESSORS = {"double": Flux2DoubleProcessor, "single": Flux2SingleProcessor}
 
 
 def flux2_layers(transformer: torch.nn.Module) -> dict[str, BlockId]:
-    """Processor name -> block id for every attention layer of a ``Flux2Transformer2DModel``."""
+    """Attention module path -> block id for every attention layer of a ``Flux2Transformer2DModel``."""
     out: dict[str, BlockId] = {}
-    for name in transformer.attn_processors:
+    for name in attention_modules(transformer):
         parts = name.split(".")
-        if parts[0] not in KINDS or len(parts) != 4 or parts[2] != "attn":
+        if parts[0] not in KINDS or len(parts) != 3 or parts[2] != "attn":
             raise ValueError(f"not a FLUX.2 transformer: unexpected attention layer {name!r}")
         out[name] = (KINDS[parts[0]], int(parts[1]))
     return out

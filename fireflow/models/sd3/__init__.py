@@ -26,13 +26,17 @@ import torch
 from PIL import Image
 
 from fireflow.features import BlockId
-from fireflow.models._pipeline import (
-    PipelineAdapter,
-    quiet_truncation,
-    scheduler_sigmas,
-    shift_mu,
+from fireflow.models._pipeline import PipelineAdapter, scheduler_sigmas, shift_mu
+from fireflow.models.base import (
+    Conditioning,
+    Embeds,
+    Geometry,
+    batch_to,
+    crop_to_multiple,
+    grid_mask,
+    one_frame,
+    still_mask,
 )
-from fireflow.models.base import Conditioning, Embeds, batch_to, crop_to_multiple, grid_mask
 from fireflow.models.sd3.processors import SD3FeatureProcessor, sd3_layers
 
 
@@ -49,6 +53,8 @@ class SD3Adapter(PipelineAdapter):
     """SD3 / SD3.5 as the editor's model."""
 
     name: ClassVar[str] = "sd3"
+    pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
+    transformers: ClassVar[tuple[str, ...]] = ("SD3Transformer2DModel",)
     embed_names: ClassVar[tuple[str, ...]] = (
         "prompt_embeds",
         "pooled_prompt_embeds",
@@ -58,34 +64,37 @@ class SD3Adapter(PipelineAdapter):
     guidance_kind: ClassVar[str] = "cfg"
     generate_guidance: ClassVar[float] = 7.0  # StableDiffusion3Pipeline's default
     attention_logger: ClassVar[str | None] = "diffusers.models.attention_processor"
-
-    pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     reference_scheduler: ClassVar[dict[str, Any]] = {"shift": 3.0}  # SD3's and SD3.5's
 
     def __init__(self, transformer: torch.nn.Module, pipe=None, scheduler: dict | None = None):
         super().__init__(transformer, sd3_layers(transformer), pipe, scheduler)
         self.patch = transformer.config.patch_size
         self.multiple = self.vae_scale_factor * self.patch
-        n = transformer.config.num_layers
-        self.defaults = {"guidance": 2.0, "blocks": f"joint:0-{n - 2}" if n > 1 else "joint:all"}
         if getattr(pipe, "vae", None) is not None:
             self.default_size = transformer.config.sample_size * self.vae_scale_factor
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Editing guidance 2; V in every joint block but the last (``context_pre_only``)."""
+        n = self.transformer.config.num_layers
+        return {"guidance": 2.0, "blocks": f"joint:0-{n - 2}" if n > 1 else "joint:all"}
 
     def make_processor(self, block: BlockId, current: object) -> SD3FeatureProcessor:
         return SD3FeatureProcessor(block)
 
     # ---- sizes -------------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, geometry: Geometry) -> tuple[int, int, int]:
         f = self.vae_scale_factor
-        return (self.transformer.config.in_channels, height // f, width // f)
+        return (self.transformer.config.in_channels, geometry.height // f, geometry.width // f)
 
-    def size_of(self, latents: torch.Tensor) -> tuple[int, int] | None:
+    def geometry_of(self, latents: torch.Tensor) -> Geometry | None:
         f = self.vae_scale_factor
-        return latents.shape[-2] * f, latents.shape[-1] * f
+        return Geometry(latents.shape[-2] * f, latents.shape[-1] * f)
 
-    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+    def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
         f = self.vae_scale_factor
-        return grid_mask(mask, height // f, width // f)[None]  # [1, H/8, W/8] against [16, H/8, W/8]
+        # [1, H/8, W/8] against [16, H/8, W/8]
+        return grid_mask(still_mask(mask), geometry.height // f, geometry.width // f)[None]
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then crop top-left to a multiple of 16 (VAE factor x patch)."""
@@ -96,30 +105,24 @@ class SD3Adapter(PipelineAdapter):
             raise ValueError(f"image {w}x{h} is larger than this model's position embedding allows ({max_side} px)")
         return image
 
-    def check_size(self, height: int, width: int) -> None:
-        super().check_size(height, width)
+    def check_geometry(self, geometry: Geometry) -> None:
+        super().check_geometry(geometry)
         max_side = self.transformer.config.pos_embed_max_size * self.multiple
-        if max(height, width) > max_side:
-            raise ValueError(f"size {width}x{height} is larger than this model's position embedding ({max_side} px)")
+        if max(geometry.height, geometry.width) > max_side:
+            raise ValueError(f"size {geometry} is larger than this model's position embedding ({max_side} px)")
 
     # ---- text and images -----------------------------------------------------------------------
-    def _pipe(self, what: str):
-        if self.pipe is None:
-            raise RuntimeError(f"this editor has no {what}: use the *_latents methods with embeddings")
-        return self.pipe
-
     def encode_prompt(self, prompts: list[str]) -> Embeds:
         """The pipeline's own encoding (CLIP-L + CLIP-G + T5), with the empty negative prompt."""
-        pipe = self._pipe("text encoders")
-        with quiet_truncation():
-            pe, npe, ppe, nppe = pipe.encode_prompt(
-                prompt=prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.execution_device,
-                do_classifier_free_guidance=True,
-                negative_prompt=[""] * len(prompts),
-            )
+        pipe = self.need_pipe("text encoders")
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.execution_device,
+            do_classifier_free_guidance=True,
+            negative_prompt=[""] * len(prompts),
+        )
         return {
             "prompt_embeds": pe,
             "pooled_prompt_embeds": ppe,
@@ -129,28 +132,28 @@ class SD3Adapter(PipelineAdapter):
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self._pipe("vae").vae
-        latents = vae.encode(pixels.to(self.execution_device, vae.dtype)).latent_dist.mean
+        vae = self.need_pipe("VAE", "vae").vae
+        latents = vae.encode(one_frame(pixels).to(self.execution_device, vae.dtype)).latent_dist.mean
         return (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self._pipe("vae").vae
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        vae = self.need_pipe("VAE", "vae").vae
         z = latents / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(z.to(vae.dtype)).sample.float()
+        return vae.decode(z.to(vae.dtype)).sample.float()[:, None]
 
     # ---- time and the velocity -----------------------------------------------------------------
-    def timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
         """``StableDiffusion3Pipeline``'s grid: ``set_timesteps(N)`` with the config's static shift
         (3.0 for SD3/SD3.5), or dynamic shifting where the config asks for it."""
         cfg = self.scheduler_config
         kwargs: dict[str, Any] = {"num_inference_steps": num_steps}
         if cfg.get("use_dynamic_shifting"):
-            seq_len = (height // self.multiple) * (width // self.multiple)
+            seq_len = (geometry.height // self.multiple) * (geometry.width // self.multiple)
             kwargs["mu"] = shift_mu(seq_len, cfg)
         return scheduler_sigmas(cfg, **kwargs)
 
-    def conditioning(self, embeds: Embeds, height: int, width: int, guidance: float) -> SD3Conditioning:
+    def conditioning(self, embeds: Embeds, geometry: Geometry, guidance: float) -> SD3Conditioning:
         device, dtype = self.execution_device, self.dtype
         if embeds.get("pooled_prompt_embeds") is None:
             raise ValueError("SD3 needs pooled_prompt_embeds (the CLIP-L and CLIP-G pooled vectors)")
@@ -167,8 +170,6 @@ class SD3Adapter(PipelineAdapter):
             return None if x is None else x.to(device, dtype)
 
         return SD3Conditioning(
-            height,
-            width,
             rows=2 if cfg else 1,
             prompt_embeds=put("prompt_embeds"),
             pooled_prompt_embeds=put("pooled_prompt_embeds"),
@@ -191,15 +192,14 @@ class SD3Adapter(PipelineAdapter):
             text = torch.cat([batch_to(cond.negative_prompt_embeds, b), text])
             pooled = torch.cat([batch_to(cond.negative_pooled_prompt_embeds, b), pooled])
         timestep = torch.full((x.shape[0],), t * 1000.0, device=x.device, dtype=torch.float32)
-        with self.eager_if(attention_kwargs):
-            out = self.transformer(
-                hidden_states=x,
-                encoder_hidden_states=text,
-                pooled_projections=pooled,
-                timestep=timestep,
-                joint_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
+        out = self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=timestep,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
         if cfg:
             uncond, positive = out.chunk(2)
             out = uncond + cond.guidance * (positive - uncond)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fireflow.features import BlockId, FeatureReuse
+from fireflow.models.base import attention_modules
 
 
 class SD3FeatureProcessor:
@@ -61,10 +62,10 @@ def _heads(attn, q, k, v, b):
 
 
 def sd3_layers(transformer: torch.nn.Module) -> dict[str, BlockId]:
-    """Processor name -> block id: ``("joint", i)`` for ``attn``, ``("attn2", i)`` for SD3.5's
+    """Attention module path -> block id: ``("joint", i)`` for ``attn``, ``("attn2", i)`` for SD3.5's
     image-only second attention."""
     out: dict[str, BlockId] = {}
-    for name in transformer.attn_processors:
+    for name in attention_modules(transformer):
         parts = name.split(".")
         if parts[0] != "transformer_blocks" or parts[2] not in ("attn", "attn2"):
             raise ValueError(f"not an SD3 transformer: unexpected attention layer {name!r}")
