@@ -132,14 +132,15 @@ def _media(pixels: torch.Tensor, video: bool) -> dict[str, Any]:
     return {"images": to_pil(pixels[:, 0])}
 
 
-def _split(kwargs: Mapping[str, Any], verb: str, embed_names: Sequence[str], prefixes: Sequence[str] = ("",)):
+def _split(kwargs: Mapping[str, Any], verb: str, prefixes: Sequence[str] = ("",)):
     """A latent-level call's keywords: knobs by API name, and conditioning by diffusers' names."""
     knobs = {k: v for k, v in kwargs.items() if k in VERB_KNOBS[verb]}
     embeds = {p: {} for p in prefixes}
     for k, v in kwargs.items():
         if k in knobs:
             continue
-        prefix = next((p for p in prefixes if k.startswith(p) and k[len(p) :] in embed_names), None)
+        # Unknown conditioning names go on, so that the family names what it takes.
+        prefix = next((p for p in prefixes if k.startswith(p)), None)
         if prefix is None:
             raise TypeError(f"unexpected keyword argument {k!r}; knobs: {', '.join(VERB_KNOBS[verb])}")
         embeds[prefix][k[len(prefix) :]] = v
@@ -284,7 +285,7 @@ class FireFlowEditor:
         ``kwargs``: knobs (``num_steps``, ``inversion_guidance``, ``solver``) and the family's
         conditioning by diffusers' names (``prompt_embeds``, ...).
         """
-        knobs, embeds = _split(kwargs, "invert", self.adapter.embed_names)
+        knobs, embeds = _split(kwargs, "invert")
         s = self.resolve(settings, "invert", **knobs)
         x, g = self._latents_in(latents, height, width, num_frames)
         cond = self._cond(embeds[""], g, s.inversion_guidance)
@@ -311,7 +312,7 @@ class FireFlowEditor:
         With ``solver="euler"`` this is the family's own pipeline with ``output_type="latent"``.
         ``guidance`` defaults to the family's text-to-image guidance.
         """
-        knobs, embeds = _split(kwargs, "generate", self.adapter.embed_names)
+        knobs, embeds = _split(kwargs, "generate")
         s = self.resolve(settings, "generate", **knobs)
         x, g = self._latents_in(latents, height, width, num_frames)
         cond = self._cond(embeds[""], g, s.guidance)
@@ -343,7 +344,7 @@ class FireFlowEditor:
         is a knob (see :meth:`edit`). ``mask``: a latent mask from the adapter's ``latent_mask``.
         With one source and ``T`` target rows, one inversion serves ``T`` batched edits.
         """
-        knobs, embeds = _split(kwargs, "edit", self.adapter.embed_names, ("source_", "target_"))
+        knobs, embeds = _split(kwargs, "edit", ("source_", "target_"))
         s = self.resolve(settings, **knobs)
         x, g = self._latents_in(latents, height, width, num_frames)
         a = self.adapter

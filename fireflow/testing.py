@@ -14,14 +14,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fireflow.models import FAMILIES
+from fireflow.models import FAMILY_MODULES
 
 
 def variants() -> dict[str, Callable[..., Path]]:
     """Tiny-model variant name -> writer ``(path, variant, seed) -> path``, over all families."""
     out: dict[str, Callable[..., Path]] = {}
-    for target in dict.fromkeys(FAMILIES.values()):
-        package = target.partition(":")[0]
+    for package in FAMILY_MODULES:
         try:
             module = importlib.import_module(package + ".tiny")
         except ModuleNotFoundError as e:

@@ -587,7 +587,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
                 pil,
                 source.strip(),
                 target.strip(),
-                **settings.as_kwargs(),
+                settings,
                 mask=mask,
                 paste_pixels=bool(paste),
                 reconstruction=bool(reconstruction),
@@ -687,21 +687,17 @@ def check_knobs(editor: FireFlowEditor, **values: Any) -> EditSettings:
         raise EditError(f"{label} must be a whole number between 1 and {MAX_STEPS} on this server, got {shown}.")
     settings = EditSettings.from_values(values, ignore_none=False)
     try:
-        editor.resolve(settings)
-        return settings.check()
+        return editor.resolve(settings)
     except SettingError as e:
         raise EditError(e.worded("label")) from None
 
 
-def describe(settings: dict) -> str:
+def describe(s) -> str:
     """The knobs an edit actually ran with (the editor's record, not the form's), in one line."""
     from fireflow.settings import describe_blocks
 
-    span = describe_blocks(settings["blocks"])
-    return (
-        f"{settings['solver']}, {settings['num_steps']} steps, inject {settings['inject']}, "
-        f"{settings['strategy']} in blocks {span}, guidance {settings['guidance']:g}"
-    )
+    span = describe_blocks(s.blocks)
+    return f"{s.solver}, {s.num_steps} steps, inject {s.inject}, {s.strategy} in blocks {span}, guidance {s.guidance:g}"
 
 
 def _save_result(image: Any, workdir: Path) -> Path:

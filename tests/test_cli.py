@@ -205,7 +205,7 @@ def test_long_prompt_is_truncated_quietly(image, tmp_path, tiny_flux_dir, capfd)
         (["--height", "17"], "--height 17 is not accepted; this model takes multiples of 16 (>= 16)"),
         (["--width", "40"], "--width 40 is not accepted; this model takes multiples of 16"),
         (["--steps", "2", "--solver", "rk4"], "invalid choice: 'rk4'"),
-        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be a whole number from 0 to 2**63 - 1, got -1"),
     ],
 )
 def test_generate_refuses_sizes_the_model_cannot_make(args, message, tmp_path, tiny_flux_dir, capsys):

@@ -7,6 +7,7 @@ import torch
 
 from fireflow import EditSettings, FireFlowEditor
 from fireflow.features import parse_strategy
+from fireflow.models.base import Geometry
 from fireflow.models.flux.processors import FluxFeatureProcessor
 from fireflow.models.flux.tiny import tiny_transformer
 
@@ -40,11 +41,10 @@ def _embeds(inputs, which):
 def _edit(editor, inputs, **kw):
     return editor._edit(
         inputs["latents"],
-        H,
-        W,
+        Geometry(H, W),
         _embeds(inputs, "source"),
         _embeds(inputs, "target"),
-        EditSettings(**kw),
+        editor.resolve(EditSettings(**kw)),
     )
 
 
@@ -67,7 +67,7 @@ def test_defaults_inject_once_per_block_at_first_midpoint(editor, inputs):
         counter.handle.remove()
     assert out.nfe == counter.n == 18
     assert out.injections == [(0, "midpoint", ("single", i)) for i in range(3)]
-    assert out.settings["blocks"] == [["single", i] for i in range(3)] and out.settings["strategy"] == "replace_v"
+    assert out.settings.blocks == tuple(("single", i) for i in range(3)) and out.settings.strategy == "replace_v"
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_inject_zero_equals_plain_inversion_then_sampling(editor, inputs):
         W,
         prompt_embeds=inputs["source_prompt_embeds"],
         pooled_prompt_embeds=inputs["source_pooled_prompt_embeds"],
-        guidance=1.0,
+        inversion_guidance=1.0,
     )
     plain = editor.sample_latents(
         noise,

@@ -17,6 +17,7 @@ from PIL import Image
 from fireflow import FireFlowEditor
 from fireflow.cli import main
 from fireflow.features import FeatureReuse
+from fireflow.models.base import Geometry
 from fireflow.models.flux2 import (
     FEW_STEP_WARNING,
     Flux2Adapter,
@@ -86,7 +87,7 @@ def test_variants_come_from_the_pipeline_and_its_config(editors):
     assert a["flux2-dev"].embed_names == a["flux2-klein-distilled"].embed_names == ("prompt_embeds",)  # no pooled
     assert all(x.block_counts == {"double": 2, "single": 2} for x in a.values())
     assert [a[v].few_step for v in VARIANTS] == [False, False, True]
-    assert all(x.multiple == 16 and x.latent_shape(H, W) == (12, 16) for x in a.values())
+    assert all(x.multiple == 16 and x.latent_shape(Geometry(H, W)) == (12, 16) for x in a.values())
     # A bare transformer: [dev]'s guidance input, or [klein] base's CFG without one.
     bare = {v: FireFlowEditor(transformer=editors[v].transformer).adapter for v in ("flux2-dev", "flux2-klein")}
     assert all(isinstance(x, Flux2Adapter) for x in bare.values())
@@ -119,11 +120,11 @@ def test_mu_and_grid_are_the_pipelines(pipes, editors):
     for h, w, n in ((H, W, 2), (H, W, 8), (1024, 1024, 4), (1024, 1024, 28), (1536, 1536, 8)):
         seq = (h // 16) * (w // 16)
         pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=compute_empirical_mu(seq, n))
-        ours = adapter.timesteps(n, h, w)
+        ours = adapter.timesteps(n, Geometry(h, w))
         assert len(ours) == n + 1 and ours[-1] == 0
         assert ours.tolist() == pytest.approx(pipe.scheduler.sigmas.double().tolist(), abs=1e-7)
     # mu depends on N: the 8-step grid is not a subset of the 28-step one, so each pass uses its own N.
-    g8, g28 = adapter.timesteps(8, 1024, 1024), adapter.timesteps(28, 1024, 1024)
+    g8, g28 = adapter.timesteps(8, Geometry(1024, 1024)), adapter.timesteps(28, Geometry(1024, 1024))
     assert not any(abs(g8[4].item() - x) < 1e-4 for x in g28.tolist())
 
 
@@ -135,7 +136,7 @@ def test_the_scheduler_config_decides_the_rest(pipes, embeds):
     pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=2.0), **parts)
     pipe.set_progress_bar_config(disable=True)
     ed = FireFlowEditor.from_pipe(pipe)
-    grid = ed.adapter.timesteps(4, H, W)
+    grid = ed.adapter.timesteps(4, Geometry(H, W))
     sigmas = np.linspace(1.0, 1 / 4, 4)
     assert grid[:-1].tolist() == pytest.approx((2 * sigmas / (1 + sigmas)).tolist(), abs=1e-7)  # static shift 2
     e = _side(embeds["flux2-dev"], "target")
@@ -153,15 +154,15 @@ def test_vae_encoding_is_the_pipelines_mode_patchify_and_batchnorm(pipes, editor
     x = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():
         theirs = pipe._pack_latents(pipe._encode_vae_image(x, generator=None))
-        ours = adapter.encode_image(x)
+        ours = adapter.encode_image(x[:, None])
         assert ours.shape == (1, 12, 16)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
         # Deterministic (the mode), and the inverse layout gives back the VAE's own latents.
-        assert torch.equal(adapter.encode_image(x), ours)
+        assert torch.equal(adapter.encode_image(x[:, None]), ours)
         z = pipe.vae.encode(x).latent_dist.mode()
-        torch.testing.assert_close(adapter.vae_latents(ours, H, W), z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(adapter.vae_latents(ours, Geometry(H, W)), z, rtol=1e-5, atol=1e-5)
         assert torch.equal(patchify(z), pipe._patchify_latents(z))
-        image = adapter.decode(ours, H, W)
+        image = adapter.decode(ours, Geometry(H, W))[:, 0]
         assert image.shape == (1, 3, H, W)
         torch.testing.assert_close(image, pipe.vae.decode(z).sample, rtol=1e-4, atol=1e-4)
 
@@ -184,10 +185,12 @@ def test_euler_sampling_equals_the_pipeline(pipes, editors, embeds, variant, gui
     if "negative_prompt_embeds" in e:
         kwargs["negative_prompt_embeds"] = e["negative_prompt_embeds"]
     ref = pipe(prompt_embeds=e["prompt_embeds"], latents=noise(), **kwargs).images
-    ours = ed.sample_latents(pack(noise()), H, W, num_steps=5, guidance=guidance, solver="euler", **e)
-    if variant != "flux2-dev":  # Flux2KleinPipeline returns the VAE's own latents
-        ours = ed.adapter.vae_latents(ours, H, W)
+    # The pipeline's own layouts both ways: ``latents=`` takes [B, 128, H/16, W/16]; the output is
+    # packed tokens for [dev] and the VAE's own latents for [klein]. No height/width needed.
+    ours = ed.sample_latents(noise(), num_steps=5, guidance=guidance, solver="euler", **e)
     assert ours.shape == ref.shape
+    packed = ed.sample_latents(pack(noise()), H, W, num_steps=5, guidance=guidance, solver="euler", **e)
+    assert torch.equal(packed, ours)  # packed tokens are accepted too
     err = rel(ours, ref)
     print(f"{variant} guidance {guidance:g}: relative error {err:.2e}")
     assert err <= 1e-5
@@ -196,7 +199,7 @@ def test_euler_sampling_equals_the_pipeline(pipes, editors, embeds, variant, gui
 def test_cfg_in_two_forwards_equals_the_batched_one(editors, embeds):
     ed = editors["flux2-klein"]
     e = _side(embeds["flux2-klein"], "target")
-    batched = ed.adapter.conditioning(e, H, W, 3.0)
+    batched = ed.adapter.conditioning(e, Geometry(H, W), 3.0)
     assert (batched.forwards, batched.rows) == (1, 2)
     separate = copy.copy(batched)
     separate.forwards = 2
@@ -326,9 +329,10 @@ def test_defaults_inject_in_the_documented_calls(editors, embeds, variant):
         out = ed.edit_latents(latents(), H, W, return_dict=True, **embeds[variant])
     # V replaced in every single block, in one call: the midpoint of the first denoising step.
     assert out.injections == [(0, "midpoint", ("single", i)) for i in range(2)]
-    assert out.settings["blocks"] == [["single", 0], ["single", 1]]
-    assert out.settings["inversion_guidance"] == 1.0 and out.settings["num_steps"] == 8
-    assert out.settings["guidance"] == {"flux2-dev": 2.0, "flux2-klein": 2.0, "flux2-klein-distilled": 1.0}[variant]
+    assert out.settings.to_dict()["blocks"] == [["single", 0], ["single", 1]]
+    assert out.settings.to_dict()["inversion_guidance"] == 1.0 and out.settings.to_dict()["num_steps"] == 8
+    want = {"flux2-dev": 2.0, "flux2-klein": 2.0, "flux2-klein-distilled": 1.0}[variant]
+    assert out.settings.guidance == want
     # FireFlow: N + 1 = 9 velocity evaluations per pass; klein base's CFG doubles the editing rows.
     assert out.nfe == 18 and out.transformer_calls == 18
     assert out.transformer_rows == (9 + 2 * 9 if variant == "flux2-klein" else 18)
@@ -338,7 +342,7 @@ def test_defaults_inject_in_the_documented_calls(editors, embeds, variant):
 def test_inject_zero_equals_inversion_then_sampling(editors, embeds, variant):
     ed, e = editors[variant], embeds[variant]
     edited = ed.edit_latents(latents(), H, W, inject=0, **e)
-    inverted = ed.invert_latents(latents(), H, W, guidance=1.0, **_side(e, "source"))
+    inverted = ed.invert_latents(latents(), H, W, inversion_guidance=1.0, **_side(e, "source"))
     plain = ed.sample_latents(inverted, H, W, guidance=2.0, **_side(e, "target"))
     torch.testing.assert_close(edited, plain, rtol=1e-6, atol=1e-6)
 
@@ -394,10 +398,10 @@ def test_mask_keeps_the_source_latents_exactly(editors, embeds):
     ed, e = editors["flux2-dev"], embeds["flux2-dev"]
     mask = np.zeros((H, W), bool)
     mask[:16, :32] = True  # the first two tokens of the first row: 2 x 4 VAE latent cells
-    latent_mask = ed.adapter.latent_mask(mask, H, W)
+    latent_mask = ed.adapter.latent_mask(mask, Geometry(H, W))
     assert latent_mask.shape == latents().shape[1:] and latent_mask[:2].all() and not latent_mask[2:].any()
     mask[:8, :8] = False  # now the first token is only partly edited: a per-cell mask, not per token
-    partial = ed.adapter.latent_mask(mask, H, W)
+    partial = ed.adapter.latent_mask(mask, Geometry(H, W))
     assert 0 < partial[0].sum() < partial[0].numel() and partial[1].all()
     src = latents()
     out = ed.edit_latents(src, H, W, mask=latent_mask, num_steps=3, **e)

@@ -6,8 +6,9 @@ import torch
 
 from fireflow import FireFlowEditor
 from fireflow.models import ModelNotFoundError
-from fireflow.models._pipeline import resolve_model_path
-from fireflow.models.flux import FLUX_DEV_SCHEDULER, calculate_mu, grid_ids, pack, unpack
+from fireflow.models._pipeline import resolve_model_path, shift_mu
+from fireflow.models.base import Geometry
+from fireflow.models.flux import FLUX_DEV_SCHEDULER, grid_ids, pack, unpack
 
 
 def test_pack_unpack_round_trip():
@@ -34,13 +35,13 @@ def test_vae_uses_posterior_mean_with_scale_and_shift(tiny_editor):
     adapter = tiny_editor.adapter
     vae = adapter.pipe.vae
     x = torch.rand(1, 3, 32, 48) * 2 - 1
-    latents = adapter.encode_image(x)
+    latents = adapter.encode_image(x[:, None])
     assert latents.shape == (1, 2 * 3, 16) and latents.dtype == torch.float32
-    assert torch.equal(latents, adapter.encode_image(x))  # deterministic: no posterior sampling
+    assert torch.equal(latents, adapter.encode_image(x[:, None]))  # deterministic: no posterior sampling
     mean = vae.encode(x).latent_dist.mean
     expected = pack((mean - vae.config.shift_factor) * vae.config.scaling_factor)
     torch.testing.assert_close(latents, expected)
-    assert adapter.decode(latents, 32, 48).shape == (1, 3, 32, 48)
+    assert adapter.decode(latents, Geometry(32, 48))[:, 0].shape == (1, 3, 32, 48)
 
 
 def test_prompt_encoding_shapes(tiny_editor):
@@ -51,12 +52,12 @@ def test_prompt_encoding_shapes(tiny_editor):
 
 
 def test_grid_uses_flux_shift(tiny_editor):
-    ts = tiny_editor.adapter.timesteps(8, 512, 512)
+    ts = tiny_editor.adapter.timesteps(8, Geometry(512, 512))
     assert ts.tolist() == pytest.approx([1, 0.9293, 0.8492, 0.7578, 0.6525, 0.5298, 0.3849, 0.2115, 0], abs=5e-5)
     cfg = FLUX_DEV_SCHEDULER
-    assert calculate_mu(1024, cfg) == pytest.approx(0.63, abs=1e-3)
-    assert calculate_mu(256, cfg) == pytest.approx(0.5) and calculate_mu(4096, cfg) == pytest.approx(1.15)
-    assert calculate_mu(8192, cfg) == pytest.approx(1.15 + 0.65 / 3840 * 4096)  # extrapolated linearly
+    assert shift_mu(1024, cfg) == pytest.approx(0.63, abs=1e-3)
+    assert shift_mu(256, cfg) == pytest.approx(0.5) and shift_mu(4096, cfg) == pytest.approx(1.15)
+    assert shift_mu(8192, cfg) == pytest.approx(1.15 + 0.65 / 3840 * 4096)  # extrapolated linearly
 
 
 def test_image_edit_on_real_photo(tiny_editor, boy_jpg):
@@ -137,7 +138,7 @@ def test_euler_sampling_equals_flux_pipeline(schnell):
     )
     assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5
     linear = [1 - i / 6 for i in range(7)]
-    grid = editor.adapter.timesteps(6, 48, 64).tolist()
+    grid = editor.adapter.timesteps(6, Geometry(48, 64)).tolist()
     assert (grid == pytest.approx(linear, abs=1e-6)) == schnell  # schnell: unshifted; dev: shifted
 
 
@@ -146,8 +147,8 @@ def test_mask_keeps_source_latents_and_pixels(tiny_editor):
     mask = np.zeros((48, 64), bool)
     mask[:20, :24] = True  # covers tokens (0..1, 0..1): rows 0-31 of pixels are 2 token rows
     out = tiny_editor.edit(img, "noise", "a red cat", mask=mask, num_steps=4)
-    src = tiny_editor.adapter.encode_image(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1)
-    latent_mask = tiny_editor.adapter.latent_mask(mask, 48, 64)
+    src = tiny_editor.adapter.encode_image(torch.from_numpy(img).permute(2, 0, 1)[None].float()[:, None] / 127.5 - 1)
+    latent_mask = tiny_editor.adapter.latent_mask(mask, Geometry(48, 64))
     # Per VAE latent cell (8x8 pixels): rows 0-2 and columns 0-2 of the 6x8 cells, packed like the tokens.
     cells = torch.zeros(1, 4, 6, 8)
     cells[..., :3, :3] = 1

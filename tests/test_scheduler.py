@@ -31,6 +31,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from PIL import Image
 
 from fireflow import FireFlowEditor, solvers
+from fireflow.models.base import Geometry
 from fireflow.models.flux.tiny import tiny_flux_pipeline
 from fireflow.scheduler import FireFlowScheduler, UnsupportedPipelineError
 
@@ -218,7 +219,7 @@ def test_flux_pipeline_equals_editor(flux, n):
     euler = editor.sample_latents(noise, SIDE, SIDE, num_steps=n, guidance=3.5, solver="euler", **embeds)
     assert rel(out, euler) > 1e-3  # the comparison can tell the solvers apart
     # The editor's grid is the pipeline's step grid (FLUX.1-dev shift at this size).
-    grid = editor.adapter.timesteps(n, SIDE, SIDE)
+    grid = editor.adapter.timesteps(n, Geometry(SIDE, SIDE))
     torch.testing.assert_close(flux.scheduler.step_sigmas.double(), grid, atol=1e-7, rtol=0)
 
 
@@ -325,7 +326,9 @@ def test_flux2_klein_pipeline_equals_fireflow_sampling(klein, distilled):
     with torch.no_grad():
         ref = solvers.sample(_velocity(klein, embeds, g, ids), packed, grid, "fireflow")
         kw = embeds if not distilled else {"prompt_embeds": embeds["prompt_embeds"]}
-        ours = FireFlowEditor.from_pipe(klein).sample_latents(packed, SIDE, SIDE, num_steps=n, guidance=g, **kw)
+        ed = FireFlowEditor.from_pipe(klein)
+        ours = ed.sample_latents(packed, SIDE, SIDE, num_steps=n, guidance=g, **kw)  # the VAE's own latents
+        ours = ed.adapter.from_pipeline_latents(ours, Geometry(SIDE, SIDE))  # packed, as the callback saw them
     assert rel(final[n], ref) <= 1e-5 and rel(final[n], ours) <= 1e-5  # fireflow's FLUX.2 adapter, too
 
 
@@ -385,7 +388,7 @@ def test_callback_changes_to_latents_reach_the_state(flux):
 
     nudged = flux(latents=noise, callback_on_step_end=nudge, **kw).images
     # Expected: FireFlow from x_0 + delta whose first (start) velocity is the one taken at x_0.
-    cond = adapter.conditioning(embeds, SIDE, SIDE, 3.5)
+    cond = adapter.conditioning(embeds, Geometry(SIDE, SIDE), 3.5)
     with torch.no_grad():
         v0 = adapter.velocity(noise, 1.0, cond).float()
         calls = []

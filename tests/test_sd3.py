@@ -11,6 +11,7 @@ from PIL import Image
 from fireflow import FireFlowEditor
 from fireflow.cli import main
 from fireflow.features import FeatureReuse, _fit
+from fireflow.models.base import Geometry
 from fireflow.models.sd3.processors import SD3FeatureProcessor
 from fireflow.models.sd3.tiny import tiny_sd3_pipeline
 from fireflow.solvers import VelocityCall
@@ -59,14 +60,14 @@ def test_euler_sampling_equals_the_pipeline(pipe, editor, guidance):
     ours = editor.sample_latents(noise, num_steps=6, guidance=guidance, solver="euler", **e)
     assert rel(ours, ref) <= 1e-5
     # The grid is the pipeline's: static shift 3 on set_timesteps(N).
-    sigmas = editor.adapter.timesteps(6, H, W)
+    sigmas = editor.adapter.timesteps(6, Geometry(H, W))
     pipe.scheduler.set_timesteps(6)
     assert sigmas.tolist() == pytest.approx(pipe.scheduler.sigmas.double().tolist(), abs=1e-7)
 
 
 def test_layers_and_attn2_have_their_own_processors(pipe, editor):
     layers = editor.adapter.layers
-    assert layers["transformer_blocks.0.attn.processor"] == ("joint", 0)
+    assert layers["transformer_blocks.0.attn"] == ("joint", 0)
     assert ("attn2", 0) in layers.values() if pipe.transformer.config.dual_attention_layers else True
     with editor.adapter.processors.installed(layers.values()):
         procs = editor.transformer.attn_processors
@@ -90,7 +91,7 @@ def test_recording_processors_equal_the_stock_ones_exactly(pipe, editor, inputs)
         reuse = FeatureReuse(1, 1, "replace_v add_k add_q", editor.adapter.layers.values())
         call = VelocityCall(0, "start", 0.5, 0.0, 1.0)
         with editor.adapter.processors.installed(editor.adapter.layers.values()), reuse.recording(call):
-            recorded = editor.transformer(**kw, joint_attention_kwargs=reuse.attention_kwargs)[0]
+            recorded = editor.transformer(**kw, joint_attention_kwargs={"fireflow": reuse})[0]
     assert torch.equal(stock, recorded)
     assert len(reuse._store) == 3 * len(editor.adapter.layers)  # Q, K, V of every layer
 
@@ -136,7 +137,7 @@ def test_defaults_inject_in_the_documented_calls(editor, inputs):
     n = editor.transformer.config.num_layers
     # V in every joint block but the context_pre_only last one, at the first denoising midpoint.
     assert out.injections == [(0, "midpoint", ("joint", i)) for i in range(n - 1)]
-    assert out.settings["guidance"] == 2.0 and out.settings["inversion_guidance"] == 1.0
+    assert out.settings.to_dict()["guidance"] == 2.0 and out.settings.to_dict()["inversion_guidance"] == 1.0
     # FireFlow: 9 velocity evaluations per pass; CFG doubles the rows of the editing calls only.
     assert out.nfe == 18 and out.transformer_calls == 18 and out.transformer_rows == 9 + 2 * 9
 
@@ -149,7 +150,7 @@ def test_inject_zero_equals_inversion_then_sampling(editor, inputs):
     edited = editor.edit_latents(inputs["latents"], inject=0, **_strip(inputs))
     src = {k[7:]: v for k, v in inputs.items() if k.startswith("source_")}
     tgt = {k[7:]: v for k, v in inputs.items() if k.startswith("target_")}
-    noise = editor.invert_latents(inputs["latents"], guidance=1.0, **src)
+    noise = editor.invert_latents(inputs["latents"], inversion_guidance=1.0, **src)
     plain = editor.sample_latents(noise, guidance=2.0, **tgt)
     torch.testing.assert_close(edited, plain, rtol=1e-6, atol=1e-6)
 
@@ -183,7 +184,7 @@ def test_guided_inversion_and_unguided_edit_run(editor, inputs):
 def test_mask_keeps_the_source_latents_exactly(editor, inputs):
     mask = np.zeros((H, W), bool)
     mask[:30, :30] = True  # latent cells (8 x 8 pixels) 0..3 x 0..3
-    latent_mask = editor.adapter.latent_mask(mask, H, W)
+    latent_mask = editor.adapter.latent_mask(mask, Geometry(H, W))
     assert latent_mask.shape == (1, 8, 8) and latent_mask.sum() == 16 and latent_mask[0, :4, :4].all()
     out = editor.edit_latents(inputs["latents"], mask=latent_mask, **_strip(inputs))
     free = editor.edit_latents(inputs["latents"], **_strip(inputs))

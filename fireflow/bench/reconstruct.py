@@ -131,13 +131,13 @@ def run_reconstruct(
                 # do not land in the first timed run.
                 for name in solvers:
                     editor.reconstruct(
-                        _load(images[0]), prompts[0], num_steps=1, solver=name, guidance=guidance, resize=resize
+                        _load(images[0]), prompts[0], num_steps=1, solver=name, inversion_guidance=guidance, resize=resize
                     )
                 warm = True
             per_image = []
             for i, (path, prompt) in enumerate(zip(images, prompts, strict=True)):
                 rec = editor.reconstruct(
-                    _load(path), prompt, num_steps=n, solver=solver, guidance=guidance, resize=resize
+                    _load(path), prompt, num_steps=n, solver=solver, inversion_guidance=guidance, resize=resize
                 )
                 src = np.asarray(rec.source.convert("RGB"))
                 m = reconstruction_metrics(src, np.asarray(rec.image.convert("RGB")), lpips=lpips)

@@ -43,6 +43,7 @@ from fireflow.bench._speed_models import (
     build_transformer,
     build_vae,
 )
+from fireflow.models.base import Geometry
 
 NUM_STEPS = 8
 GIB = 2**30
@@ -151,7 +152,7 @@ class Workload:
         # The bare forward's inputs, built once as the adapter builds them once per pass.
         adapter = editor.adapter
         cond = adapter.conditioning(
-            {"prompt_embeds": self.source[0], "pooled_prompt_embeds": self.source[1]}, size, size, 2.0
+            {"prompt_embeds": self.source[0], "pooled_prompt_embeds": self.source[1]}, Geometry(size, size), 2.0
         )
         self.forward_kwargs = dict(
             hidden_states=self.latents.to(dtype),

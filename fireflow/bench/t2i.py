@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fireflow.bench._io import write_json
+from fireflow.models.base import Geometry
 from fireflow.solvers import nfe
 
 STEPS = (5, 10, 20)
@@ -62,14 +63,14 @@ class _Demo:
         self.index = torch.linspace(0, n - 1, num_prompts).round().long()
         self.prompts = [data.prompts[i] for i in self.index.tolist()]
         self.embeds = self.adapter.encode_prompt(self.prompts)  # prompt_embeds, pooled_prompt_embeds
-        shape = (num_prompts, *self.adapter.latent_shape(SIDE, SIDE))
+        shape = (num_prompts, *self.adapter.latent_shape(Geometry(SIDE, SIDE)))
         self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
     def sample(self, solver: str, steps: int) -> torch.Tensor:
         return self.editor.sample_latents(self.noise, SIDE, SIDE, num_steps=steps, solver=solver, **self.embeds).float()
 
     def images(self, latents: torch.Tensor) -> torch.Tensor:
-        return (self.adapter.decode(latents, SIDE, SIDE).float() + 1) / 2
+        return (self.adapter.decode(latents, Geometry(SIDE, SIDE))[:, 0].float() + 1) / 2
 
     def fidelity(self, images: torch.Tensor) -> tuple[float, float]:
         from fireflow.demo.quality import nearest

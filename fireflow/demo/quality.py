@@ -31,6 +31,7 @@ from PIL import Image
 
 from fireflow._io import atomic_write
 from fireflow.demo import data as emoji_data
+from fireflow.models.base import Geometry
 from fireflow.models.demo import DemoAdapter
 
 #: Within-family edits (source prompt, target prompt): colour changes, animal swaps, expressions.
@@ -145,12 +146,12 @@ class Quality:
         self.batch_size, self.seed = batch_size, seed
         self.pixels = torch.from_numpy(self.data.pixels())  # [N, 3, H, W] in [-1, 1]
         self.side = self.pixels.shape[-1]
-        self.latents = adapter.encode_image(self.pixels)
+        self.latents = adapter.encode_image(self.pixels[:, None])
         e = adapter.encode_prompt(self.data.prompts)
         self.embeds, self.pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
 
     def _decode01(self, latents: torch.Tensor) -> torch.Tensor:
-        return (self.adapter.decode(latents, self.side, self.side).cpu().float() + 1) / 2
+        return (self.adapter.decode(latents, Geometry(self.side, self.side))[:, 0].cpu().float() + 1) / 2
 
     def generate(self, num_steps: int = 8) -> tuple[dict, torch.Tensor]:
         n = len(self.data)

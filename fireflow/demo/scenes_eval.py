@@ -55,6 +55,7 @@ from PIL import Image
 from fireflow._io import atomic_write
 from fireflow.demo import scenes as S
 from fireflow.metrics import encode_pie_mask
+from fireflow.models.base import Geometry
 
 SET_DIR = Path(__file__).with_name("scenes_pie")
 TYPE_FOLDERS = {"1": "1_change_object_80", "6": "6_change_attribute_color_40", "8": "8_change_background_80"}
@@ -411,12 +412,12 @@ class Bench:
         self.batch_size = batch_size
         self.side = S.RESOLUTION
         self.sources = torch.stack([S.composite(c.source) for c in self.cases])  # [B, 3, H, W] in [0, 1]
-        self.latents = self.adapter.encode_image(self.sources * 2 - 1)
+        self.latents = self.adapter.encode_image(self.sources[:, None] * 2 - 1)
         self.src_emb = self.adapter.encode_prompt([c.source.prompt for c in self.cases])  # {name: tensor}
         self.tgt_emb = self.adapter.encode_prompt([c.target.prompt for c in self.cases])
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        img = (self.adapter.decode(latents, self.side, self.side).cpu().float() + 1) / 2
+        img = (self.adapter.decode(latents, Geometry(self.side, self.side))[:, 0].cpu().float() + 1) / 2
         return (img * 255).round() / 255  # what a saved PNG would hold
 
     def _chunks(self, n: int):

@@ -24,6 +24,7 @@ from fireflow._io import atomic_write
 from fireflow.bench import _io
 from fireflow.demo import scenes_eval as E
 from fireflow.masks import paste_pixels
+from fireflow.models.base import Geometry
 
 
 def run(weights: str, out: Path | None, data: Path = E.SET_DIR) -> dict:
@@ -31,7 +32,7 @@ def run(weights: str, out: Path | None, data: Path = E.SET_DIR) -> dict:
     bench = E.Bench(weights, data)
     editor, adapter, side = bench.editor, bench.adapter, bench.side
     masks = [E.edit_mask(c) for c in bench.cases]
-    latent_masks = torch.stack([adapter.latent_mask(m, side, side) for m in masks])  # [B, L, C]
+    latent_masks = torch.stack([adapter.latent_mask(m, Geometry(side, side)) for m in masks])  # [B, L, C]
     results, timings = {}, {}
     for name in ("mask-free", "masked", "masked + pixel paste"):
         t0 = time.perf_counter()

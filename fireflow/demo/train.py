@@ -35,8 +35,9 @@ import torch
 
 from fireflow._io import atomic_write
 from fireflow.demo import data as emoji_data
+from fireflow.models._pipeline import shift_mu
 from fireflow.models.demo import PATCH, MiniLMEncoder, grid_ids, pack, transformer_config
-from fireflow.models.flux import FLUX_DEV_SCHEDULER, calculate_mu
+from fireflow.models.flux import FLUX_DEV_SCHEDULER
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Trainer:
         self.embeds, self.pooled = embeds.to(device), pooled.to(device)
         self.img_ids = grid_ids(side // PATCH, side // PATCH).to(device)
         self.txt_ids = torch.zeros(self.embeds.shape[1], 3, device=device)
-        self.e_mu = math.exp(calculate_mu((side // PATCH) ** 2, FLUX_DEV_SCHEDULER))
+        self.e_mu = math.exp(shift_mu((side // PATCH) ** 2, FLUX_DEV_SCHEDULER))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""

@@ -3,7 +3,6 @@ errors, offloading, and the time grid read from the pipeline's own scheduler con
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -139,8 +138,10 @@ def load_pipeline(pipeline_cls: type, folder: Path, torch_dtype: torch.dtype):
     if (folder / "model_index.json").is_file():
         _check_components(folder)
     # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns): pass the name it takes.
-    params = inspect.signature(pipeline_cls.from_pretrained).parameters
-    dtype_kw = "dtype" if "dtype" in params else "torch_dtype"
+    import diffusers
+
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (0, 36) else "torch_dtype"
     try:
         return pipeline_cls.from_pretrained(folder, **{dtype_kw: torch_dtype}, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:

@@ -51,6 +51,10 @@ class Geometry:
         """``(width, height)``, PIL's order."""
         return self.width, self.height
 
+    @property
+    def kind(self) -> str:
+        return "image" if self.frames == 1 else "clip"
+
     def __str__(self) -> str:
         return f"{self.width}x{self.height}" + (f", {self.frames} frames" if self.frames != 1 else "")
 
@@ -245,7 +249,7 @@ class ModelAdapter(ABC):
         want = self.latent_shape(geometry)
         if tuple(latents.shape[1:]) != want:
             raise ValueError(
-                f"latents of shape {tuple(latents.shape)} do not fit {geometry}; "
+                f"latents of shape {tuple(latents.shape)} do not fit a {geometry} {geometry.kind}; "
                 f"this model expects [batch, {', '.join(map(str, want))}]"
             )
 

@@ -213,10 +213,6 @@ class DemoAdapter(FluxUnguidedAdapter):
         frames[..., 0] = torch.arange(geometry.frames, dtype=ids.dtype)[:, None]
         return frames.reshape(-1, 3)
 
-    def timesteps(self, num_steps: int, geometry: Geometry) -> torch.Tensor:
-        """The grid of one frame's token count, as every demo model was trained."""
-        return super().timesteps(num_steps, Geometry(geometry.height, geometry.width))
-
     def latent_mask(self, mask: np.ndarray, geometry: Geometry) -> torch.Tensor:
         m = np.asarray(mask, dtype=bool)
         m = m[None] if m.ndim == 2 else m
