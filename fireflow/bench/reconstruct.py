@@ -130,9 +130,8 @@ def run_reconstruct(
                 # One throwaway call per solver first, so lazy initialisation and kernel autotuning
                 # do not land in the first timed run.
                 for name in solvers:
-                    editor.reconstruct(
-                        _load(images[0]), prompts[0], num_steps=1, solver=name, inversion_guidance=guidance, resize=resize
-                    )
+                    run = dict(solver=name, inversion_guidance=guidance, resize=resize)
+                    editor.reconstruct(_load(images[0]), prompts[0], num_steps=1, **run)
                 warm = True
             per_image = []
             for i, (path, prompt) in enumerate(zip(images, prompts, strict=True)):
