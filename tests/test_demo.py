@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fireflow.demo import data as emoji_data
 from fireflow.models.base import Geometry
 from fireflow.models.demo import (
     PATCH,
@@ -20,6 +19,7 @@ from fireflow.models.demo import (
     transformer_config,
     unpack,
 )
+from research.bundled import emoji as emoji_data
 
 # Measured on the committed weights, the 12 emoji of the test: FireFlow 8 steps 38.8 dB, Euler 9
 # steps 32.1 dB (all emoji: see the model card). The threshold leaves a 3.8 dB margin.
@@ -97,8 +97,8 @@ def test_weights_bundled_small_and_match_config(adapter):
 def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
     """The trained model inverts and re-samples its own emoji. At 18 NFE FireFlow (8 steps) beats
     Euler (9 steps) by a wide margin, as the method claims for a near-straight flow."""
-    from fireflow.demo.quality import psnr
     from fireflow.solvers import sample
+    from research.bundled.quality import psnr
 
     idx = list(range(0, len(emoji), len(emoji) // 12))[:12]
     pixels = torch.from_numpy(emoji.pixels()[idx])
@@ -124,7 +124,7 @@ def test_fireflow_reconstruction_of_trained_emoji(adapter, emoji):
 
 
 def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
-    from fireflow.demo.train import TrainConfig, train
+    from research.bundled.train import TrainConfig, train
 
     subset = tmp_path / "emoji8.npz"
     pick = slice(0, 240, 30)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fireflow.demo import scenes as S
-from fireflow.demo import scenes_eval as E
 from fireflow.metrics import decode_pie_mask
+from research.bundled import scenes as S
+from research.bundled import scenes_eval as E
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,8 @@ def test_nfe_of_the_table_settings():
 
 
 def test_training_on_scenes_resumes_exactly(tmp_path):
-    from fireflow.demo.train import TrainConfig, train
     from fireflow.models.demo import transformer_config
+    from research.bundled.train import TrainConfig, train
 
     tiny = TrainConfig(
         steps=4,

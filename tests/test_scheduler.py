@@ -484,28 +484,3 @@ def test_img2img_at_strength_one_is_text_to_image(flux):
     assert calls[0] == 4
     b = flux(generator=torch.Generator().manual_seed(5), **kw).images
     assert rel(a, b) <= 1e-5
-
-
-def test_t2i_benchmark_smoke(tmp_path, capsys):
-    """``fireflow bench t2i`` at toy size: the table, the JSON fields and the model-call counts."""
-    import json
-
-    from fireflow.bench.t2i import main
-
-    args = ["--out", str(tmp_path), "--steps", "1", "2", "--prompts", "3", "--reference-steps", "6"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("| N | setting | model calls |") and "at equal calls" in out
-    result = json.loads((tmp_path / "t2i.json").read_text())
-    rows = {(r["solver"], r["steps"]): r for r in result["rows"]}
-    expected = [("euler", 1), ("euler", 2), ("euler", 3), ("euler", 4), ("midpoint", 1), ("fireflow", 1)]
-    assert set(rows) == {*expected, ("fireflow", 2)}
-    assert [rows[s]["nfe"] for s in [("euler", 3), ("midpoint", 1), ("fireflow", 2)]] == [3, 2, 3]
-    assert result["reference"]["nfe"] == 7 and result["num_prompts"] == 3
-    for r in rows.values():
-        assert 0 < r["error"] <= r["error_max"] and 0 <= r["top1"] <= r["top5"] <= 1
-    g = result["groups"][1]
-    assert g["n"] == 2 and g["rows"] == ["euler-2", "midpoint-1", "fireflow-2", "euler-3", "euler-4"]
-    assert g["fireflow_beats_euler_equal_calls"] == (rows["fireflow", 2]["error"] < rows["euler", 3]["error"])
-    assert result["scheduler_check"]["max_rel_diff"] <= 1e-5
-    assert (tmp_path / "t2i.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,6 +35,18 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_image(image: Image.Image, path: Path) -> None:
     """PNG for ``.png``; JPEG at quality 95 without chroma subsampling otherwise (as BFL's flux CLI,
     which the FireFlow reference code derives from, saves its outputs)."""

@@ -44,6 +44,11 @@ RUN_FILE = "run.json"
 #: How a masked run is labelled in its settings and in every table that shows it.
 MASK_LABEL = "ground-truth masks"
 IMAGES_DIR = "annotation_images"
+#: The demo benchmark set, installed with the package: 140 PIE-Bench-format edits of held-out 32x32
+#: scenes for the bundled ``scenes`` model (written by ``python -m research.bundled.scenes_eval write-set``).
+#: ``--data scenes`` names it.
+SCENES_PIE = Path(__file__).with_name("scenes_pie")
+BUNDLED_SETS = {"scenes": SCENES_PIE}
 
 
 class BenchError(ValueError):
@@ -94,6 +99,11 @@ def parse_types(values: Iterable[str] | None) -> set[str] | None:
                     f"--types {part!r} is not an editing type; use 0-9 or a folder name (1_change_object_80)"
                 )
     return out
+
+
+def data_folder(data: str | Path) -> Path:
+    """``--data``: a bundled set's name (``scenes``: :data:`SCENES_PIE`) or a PIE-Bench folder."""
+    return BUNDLED_SETS.get(str(data), Path(data))
 
 
 def load_pie(data: Path, types: set[str] | None = None) -> list[PieItem]:
@@ -259,6 +269,9 @@ def run_pie(
     }
 
 
+DATA_HELP = "PIE-Bench folder (mapping_file.json, annotation_images/), or `scenes`: the bundled demo set"
+
+
 def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow bench``."""
     from fireflow.cli import add_edit_options, add_model_options
@@ -269,7 +282,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, name: str = "pie") 
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
+    p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes what is there)")
     p.add_argument("--types", nargs="+", default=None, help="editing types: ids 0-9 or folder names (default all)")
     p.add_argument("--limit", type=int, default=None, help="edit at most this many images (per process) in this run")
@@ -296,6 +309,7 @@ def bench_cli(args: argparse.Namespace) -> dict[str, int]:
         settings["paste_pixels"] = bool(args.paste_pixels)
     rank, world, local = _editing.dist_env()
     types = parse_types(args.types)
+    args.data = data_folder(args.data)
     check_inputs(args.data, args.out, types, {"model": str(args.model), "settings": settings})  # before the model
     editor = _editing.load_editor(args, local)
     edit = _editing.edit_fn(editor, settings, args.feature_device)
@@ -520,7 +534,7 @@ def _comparison(summaries: dict[str, dict[str, Any]]) -> str:
 def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -> argparse.ArgumentParser:
     """Register ``pie`` under ``fireflow eval``."""
     p = subparsers.add_parser(name, help="score PIE-Bench edits (structure, background, CLIP)")
-    p.add_argument("--data", required=True, type=Path, help="PIE-Bench folder: mapping_file.json, annotation_images/")
+    p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
     p.add_argument(
         "--edits", required=True, type=Path, nargs="+", help="--out folder(s) of `fireflow bench pie`; several compare"
     )
@@ -546,6 +560,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction, name: str = "pie") -
 def eval_cli(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``fireflow eval pie``. Bad input raises ValueError (the CLI prints it, exit status 2)."""
     types = parse_types(args.types)
+    args.data = data_folder(args.data)
     edits = list(dict.fromkeys(args.edits))
     names = [e.resolve().name for e in edits]
     if len(set(names)) != len(names):

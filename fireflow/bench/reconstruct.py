@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from fireflow.bench import _editing, _io
-from fireflow.bench._main import run_main
+from fireflow.bench._main import run_command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METRICS = ("psnr", "ssim", "lpips", "mse")
@@ -214,15 +214,12 @@ def format_table(runs: list[dict[str, Any]], metrics: list[str]) -> str:
 
 def plot_error_vs_nfe(runs: list[dict[str, Any]], metrics: list[str], path: Path) -> bool:
     """MSE (and LPIPS) against NFE, log-log, one line per solver. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
+    plt = _io.pyplot()
+    if plt is None:
         print("matplotlib is not installed: no error_vs_nfe.png (pip install matplotlib)", file=sys.stderr)
         return False
+    from matplotlib.ticker import FuncFormatter
+
     panels = [m for m in ("mse", "lpips") if m in metrics]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, m in zip(axes[0], panels, strict=True):
@@ -345,10 +342,7 @@ def reconstruct_cli(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fireflow.bench.reconstruct --images DIR ...``."""
-    parser = argparse.ArgumentParser(prog="python -m fireflow.bench.reconstruct")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    return run_main(parser, ["reconstruct", *(sys.argv[1:] if argv is None else argv)])
+    return run_command("reconstruct", add_parser, argv)
 
 
 if __name__ == "__main__":

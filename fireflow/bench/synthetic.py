@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fireflow.bench import _io
-from fireflow.bench._main import run_main
+from fireflow.bench._main import run_command
 from fireflow.metrics import encode_pie_mask
 
 #: PIE-Bench's editing types: id -> folder under annotation_images/.
@@ -151,10 +151,7 @@ def run_cli(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fireflow.bench.synthetic --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m fireflow.bench.synthetic")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    return run_main(parser, ["synthetic", *(sys.argv[1:] if argv is None else argv)])
+    return run_command("synthetic", add_parser, argv)
 
 
 if __name__ == "__main__":

@@ -38,18 +38,6 @@ TINY_TRANSFORMER = dict(
 )
 TEXT_WIDTH = 8
 
-#: FLUX.2's scheduler config (the dynamic shift's mu comes from the pipeline's empirical formula).
-FLUX2_SCHEDULER = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "time_shift_type": "exponential",
-}
-
 #: Chat templates of the two encoders' shapes. Content may be a string or a list of text parts
 #: (Flux2Pipeline sends ``[{"type": "text", "text": ...}]``).
 _TEXT = (
@@ -162,12 +150,15 @@ def tiny_flux2_pipeline(seed: int = 0, variant: str = "flux2-dev"):
     """Every component of a FLUX.2 [dev] or [klein] pipeline at toy size, random weights, fp32."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
+    # FLUX.2 ships FLUX.1-dev's scheduler config (the pipeline computes the shift's mu its own way).
+    from fireflow.models.flux import FLUX_DEV_SCHEDULER
+
     if variant not in VARIANTS:
         raise ValueError(f"unknown FLUX.2 tiny variant {variant!r}; accepted: {', '.join(VARIANTS)}")
     dev = variant == "flux2-dev"
     transformer = tiny_transformer(seed, guidance=dev)
     vae = tiny_vae(seed + 1)
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     if dev:
         tok, encoder = tiny_mistral(seed + 2)
         return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tok, transformer=transformer)

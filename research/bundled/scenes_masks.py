@@ -1,11 +1,11 @@
 """Masked against mask-free edits on the held-out scene set, with its true edit masks.
 
-    python -m fireflow.demo.scenes_masks --weights scenes --out docs/scenes
+    python -m research.bundled.scenes_masks --weights scenes --out docs/scenes
 
 At the default setting (FireFlow, 8 steps, inject 1, replace_v): the mask-free edit, the masked edit
 (``edit(mask=...)``: latents outside the mask kept exactly) and the masked edit with the source
 pixels pasted outside (``paste_pixels``). Reports target hit, object IoU with the source and the
-kept PSNR outside the mask (see ``fireflow.demo.scenes_eval``), overall and per edit type, and
+kept PSNR outside the mask (see ``research.bundled.scenes_eval``), overall and per edit type, and
 the model calls per edit. Writes ``OUT/scenes_masks.json`` and ``OUT/scenes_masks.md``.
 """
 
@@ -22,9 +22,9 @@ from PIL import Image
 
 from fireflow._io import atomic_write
 from fireflow.bench import _io
-from fireflow.demo import scenes_eval as E
 from fireflow.masks import paste_pixels
 from fireflow.models.base import Geometry
+from research.bundled import scenes_eval as E
 
 
 def run(weights: str, out: Path | None, data: Path = E.SET_DIR) -> dict:
@@ -89,7 +89,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m fireflow.demo.scenes_masks", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m research.bundled.scenes_masks", description=__doc__)
     p.add_argument("--weights", default="scenes", help="model: 'scenes', 'demo' or a weights folder")
     p.add_argument("--data", type=Path, default=E.SET_DIR)
     p.add_argument("--out", type=Path, default=None)

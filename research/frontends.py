@@ -1,6 +1,6 @@
 """The same demo edit through the Python API and through the CLI, timed in one run.
 
-    fireflow bench frontends --out runs/frontends        # or python -m fireflow.bench.frontends
+    python -m research.frontends --out runs/frontends
 
 Each front end runs in a fresh interpreter, as a user would start it: the API with plain
 ``FireFlowEditor.from_pretrained("demo").edit(...)`` and no thread setting of its own, the CLI as
@@ -25,7 +25,7 @@ from pathlib import Path
 from fireflow.bench import _io
 from fireflow.bench._main import run_main
 
-IMAGE = Path(__file__).resolve().parents[2] / "examples" / "red_heart.png"
+IMAGE = Path(__file__).resolve().parents[1] / "examples" / "red_heart.png"
 SOURCE, TARGET = "red heart", "blue heart"
 
 _API = """
@@ -89,18 +89,14 @@ def run(out: Path | None, repeats: int = 5, image: Path = IMAGE) -> dict:
     return result
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("frontends", help="the demo edit's time through the API and the CLI")
-    p.add_argument("--out", type=Path, default=None, help="folder for frontends.json")
-    p.add_argument("--repeats", type=int, default=5, help="edits per front end (default 5)")
-    p.set_defaults(func=lambda a: run(a.out, a.repeats))
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fireflow.bench.frontends", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    return run_main(parser, ["frontends", *(argv if argv is not None else sys.argv[1:])])
+    parser = argparse.ArgumentParser(
+        prog="python -m research.frontends", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=None, help="folder for frontends.json")
+    parser.add_argument("--repeats", type=int, default=5, help="edits per front end (default 5)")
+    parser.set_defaults(func=lambda a: run(a.out, a.repeats))
+    return run_main(parser, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ where the object is or how big it is. An edit that keeps the layout is then some
 must get from the source image, which is what FireFlow's inversion and V injection claim to do.
 
 The sprites (premultiplied RGB and alpha, one per object and size) are rendered once from Debian's
-``fonts-noto-color-emoji`` by ``python -m fireflow.demo.scenes`` and committed as ``scenes32.npz``
+``fonts-noto-color-emoji`` by ``python -m research.bundled.scenes`` and committed as ``scenes32.npz``
 beside this file, so training, tests and evaluation need no font. Compositing is exact and
 deterministic: every scene comes with its placement box and its object mask.
 
@@ -161,22 +161,16 @@ class Sprites:
 
 def render_sprites(font_path: str = FONT_PATH) -> dict[str, np.ndarray]:
     """Render every object at every size: glyph bounding square, premultiplied LANCZOS resize."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageFont
+
+    from research.bundled.emoji import square_glyph
 
     font = ImageFont.truetype(font_path, FONT_SIZE)
     out: dict[str, np.ndarray] = {}
     for side in SIZES:
         tiles = []
-        for name, char, _ in OBJECTS:
-            canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
-            ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
-            box = canvas.getchannel("A").getbbox()
-            if box is None:
-                raise ValueError(f"the font has no glyph for {name!r}")
-            glyph = canvas.crop(box)
-            sq = max(glyph.size)
-            square = Image.new("RGBA", (sq, sq), (0, 0, 0, 0))
-            square.paste(glyph, ((sq - glyph.width) // 2, (sq - glyph.height) // 2))
+        for _, char, _ in OBJECTS:
+            square = square_glyph(char, font, clear=(0, 0, 0, 0))
             # "RGBa" is premultiplied: resizing it does not bleed transparent black into edges.
             small = square.convert("RGBa").resize((side, side), Image.Resampling.LANCZOS)
             tiles.append(np.asarray(small, dtype=np.uint8))
@@ -189,7 +183,7 @@ def load_sprites(path: str | os.PathLike = SPRITE_FILE) -> Sprites:
     rgb, alpha = {}, {}
     with np.load(path, allow_pickle=False) as z:
         if [str(s) for s in z["names"]] != OBJECT_NAMES:
-            raise ValueError(f"{path} holds other objects than fireflow.demo.scenes.OBJECTS; re-render it")
+            raise ValueError(f"{path} holds other objects than research.bundled.scenes.OBJECTS; re-render it")
         for side in SIZES:
             a = torch.from_numpy(z[f"sprites{side}"]).permute(0, 3, 1, 2).float() / 255
             rgb[side], alpha[side] = a[:, :3].contiguous(), a[:, 3:].contiguous()
@@ -271,7 +265,7 @@ def draw_scenes(n: int, gen: torch.Generator, held_out: bool = False) -> list[Sc
 
 
 class SceneSource:
-    """Training batches for :mod:`fireflow.demo.train`: pixels in [-1, 1] and prompt indices."""
+    """Training batches for :mod:`research.bundled.train`: pixels in [-1, 1] and prompt indices."""
 
     prompts = PROMPTS
 

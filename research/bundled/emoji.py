@@ -1,6 +1,6 @@
 """The demo model's training set: colour emoji from Noto Color Emoji, rendered small on white.
 
-``python -m fireflow.demo.data`` renders the set from Debian's ``fonts-noto-color-emoji`` and
+``python -m research.bundled.emoji`` renders the set from Debian's ``fonts-noto-color-emoji`` and
 writes ``emoji32.npz`` beside this file. That file is committed, so that training, tests and the
 quality script need neither the font nor the renderer. Noto Color Emoji (googlefonts/noto-emoji,
 (c) Google) ships its font under the SIL Open Font Licence 1.1, which does not extend to documents
@@ -131,24 +131,31 @@ def qualified(char: str) -> tuple[str, str] | None:
     return None
 
 
-def render(char: str, size: int, font=None) -> Image.Image:
-    """One emoji, cropped to its glyph, padded square and centred on white, ``size`` pixels wide.
+def square_glyph(char: str, font, clear: tuple[int, int, int, int] = (255, 255, 255, 0)) -> Image.Image:
+    """``char``'s glyph cropped to its ink and centred on a square of the transparent colour ``clear``."""
+    from PIL import ImageDraw
 
-    Composites on white at full resolution before downscaling, so edges blend into white rather
-    than into the transparent black of the glyph's background.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    font = font or ImageFont.truetype(FONT_PATH, FONT_SIZE)
-    canvas = Image.new("RGBA", (160, 160), (255, 255, 255, 0))
+    canvas = Image.new("RGBA", (160, 160), clear)
     ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
     box = canvas.getchannel("A").getbbox()
     if box is None:
         raise ValueError(f"the font has no glyph for {char!r} (U+{ord(char[0]):04X})")
     glyph = canvas.crop(box)
     side = max(glyph.size)
-    square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+    square = Image.new("RGBA", (side, side), clear)
     square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+    return square
+
+
+def render(char: str, size: int, font=None) -> Image.Image:
+    """One emoji, cropped to its glyph, padded square and centred on white, ``size`` pixels wide.
+
+    Composites on white at full resolution before downscaling, so edges blend into white rather
+    than into the transparent black of the glyph's background.
+    """
+    from PIL import ImageFont
+
+    square = square_glyph(char, font or ImageFont.truetype(FONT_PATH, FONT_SIZE))
     white = Image.new("RGBA", square.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, square).convert("RGB")
     # A one-pixel white margin at 32 px keeps every emoji off the border.

@@ -1,6 +1,6 @@
 """Text-to-image on the demo model: FireFlow against Euler and the midpoint rule at matched model calls.
 
-    fireflow bench t2i --out runs/t2i          (python -m fireflow.bench.t2i --out runs/t2i)
+    python -m research.t2i --out runs/t2i
 
 The paper's text-to-image claim (FireFlow at 10 steps, 11 NFE, beats FLUX's Euler at 20 steps) measured
 on the bundled demo model, for N in {5, 10, 20}:
@@ -10,7 +10,7 @@ on the bundled demo model, for N in {5, 10, 20}:
   relative L2 distance of the final latents to the reference's, and the PSNR of the decoded image
   against the reference image;
 - **prompt fidelity**: is the prompt's own emoji the generated image's nearest training image
-  (pixel L2, as ``fireflow.demo.quality`` scores generation)? Top-1 and top-5.
+  (pixel L2, as ``research.bundled.quality`` scores generation)? Top-1 and top-5.
 
 Settings per N: Euler N (N calls), midpoint ceil(N/2) (2 ceil(N/2)), FireFlow N (N + 1), Euler N + 1
 (FireFlow's calls exactly) and Euler 2N. The verdict compares FireFlow N with Euler N + 1. Also checks,
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fireflow.bench import _io
 from fireflow.bench._io import write_json
 from fireflow.models.base import Geometry
 from fireflow.solvers import nfe
@@ -49,9 +50,9 @@ class _Demo:
     """The demo model, its prompts and training images, one fixed noise per prompt."""
 
     def __init__(self, num_prompts: int, seed: int, weights: str | None = None):
-        from fireflow.demo import data as emoji_data
         from fireflow.editor import FireFlowEditor
         from fireflow.models.demo import DemoAdapter
+        from research.bundled import emoji as emoji_data
 
         self.adapter = DemoAdapter.from_pretrained(weights)
         self.editor = FireFlowEditor(adapter=self.adapter)
@@ -73,7 +74,7 @@ class _Demo:
         return (self.adapter.decode(latents, Geometry(SIDE, SIDE))[:, 0].float() + 1) / 2
 
     def fidelity(self, images: torch.Tensor) -> tuple[float, float]:
-        from fireflow.demo.quality import nearest
+        from research.bundled.quality import nearest
 
         ranks = nearest(images, self.pixels01, k=5)
         own = self.index[:, None]
@@ -235,12 +236,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _io.pyplot()
+    if plt is None:
         return False
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -310,17 +307,10 @@ def _run_cli(args: argparse.Namespace) -> None:
     print(f"wrote {out / 't2i.json'}" + (f" and {out / 't2i.png'}" if plotted else " (no matplotlib: no plot)"))
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``fireflow bench t2i``."""
-    p = subparsers.add_parser("t2i", help="text-to-image: FireFlow vs Euler and midpoint on the demo model")
-    _add_arguments(p)
-    p.set_defaults(func=_run_cli)
-
-
 def main(argv: list[str] | None = None) -> int:
     from fireflow.bench._main import run_main
 
-    p = argparse.ArgumentParser(prog="python -m fireflow.bench.t2i", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m research.t2i", description=__doc__.splitlines()[0])
     _add_arguments(p)
     p.set_defaults(func=_run_cli)
     return run_main(p, argv)

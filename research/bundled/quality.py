@@ -1,6 +1,6 @@
 """Measure the demo model: prompt fidelity, reconstruction at equal NFE, and editing success.
 
-    python -m fireflow.demo.quality --out /work/runs/quality [--weights DIR]
+    python -m research.bundled.quality --out /work/runs/quality [--weights DIR]
 
 - **Prompt fidelity**: every prompt is generated (FireFlow, 8 steps, one fixed noise per prompt);
   is the prompt's own emoji the nearest training image (pixel L2)? Top-1 and top-5.
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fireflow._io import atomic_write
-from fireflow.demo import data as emoji_data
 from fireflow.models.base import Geometry
 from fireflow.models.demo import DemoAdapter
+from research.bundled import emoji as emoji_data
 
 #: Within-family edits (source prompt, target prompt): colour changes, animal swaps, expressions.
 EDIT_PAIRS: list[tuple[str, str]] = [

@@ -1,6 +1,6 @@
 """Inversion -> reconstruction error against NFE for each solver, on an exactly known flow.
 
-    python -m fireflow.bench.solvers --out runs/solvers
+    python -m research.solvers --out runs/solvers
 
 The flow is :class:`fireflow.analytic.GaussianMixtureFlow`, whose velocity is the exact
 conditional mean: an ideally trained model. Each solver inverts data samples to noise and samples
@@ -21,6 +21,7 @@ import torch
 
 from fireflow._io import atomic_write
 from fireflow.analytic import GaussianMixtureFlow
+from fireflow.bench import _io
 from fireflow.schedules import linear_timesteps, shifted_timesteps
 from fireflow.solvers import SOLVERS, nfe, sample
 
@@ -94,12 +95,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _io.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for s in SOLVERS:
@@ -137,15 +134,8 @@ def _run_cli(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'solvers.json'}" + (f" and {out / 'solvers.png'}" if plotted else " (no matplotlib: no plot)"))
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``fireflow bench solvers``."""
-    p = subparsers.add_parser("solvers", help="solver error vs NFE on an exactly known flow")
-    _add_arguments(p)
-    p.set_defaults(func=_run_cli)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fireflow.bench.solvers", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m research.solvers", description=__doc__.splitlines()[0])
     _add_arguments(p)
     _run_cli(p.parse_args(argv))
     return 0

@@ -1,11 +1,11 @@
 """Train the demo model: rectified flow on the rendered emoji, in pixel space, on CPU or GPU.
 
-    python -m fireflow.demo.train --out /work/runs/demo --steps 6000 --minutes 90
-    python -m fireflow.demo.train --out /work/runs/demo --resume     # continue after a stop
-    python -m fireflow.demo.train --out /work/runs/scenes --dataset scenes --steps 8000
+    python -m research.bundled.train --out /work/runs/demo --steps 6000 --minutes 90
+    python -m research.bundled.train --out /work/runs/demo --resume     # continue after a stop
+    python -m research.bundled.train --out /work/runs/scenes --dataset scenes --steps 8000
 
 ``--dataset scenes`` trains on emoji composited on the fly at a random position and size on a
-palette background (:mod:`fireflow.demo.scenes`), never drawing the held-out tenth of scenes.
+palette background (:mod:`research.bundled.scenes`), never drawing the held-out tenth of scenes.
 
 The flow follows FLUX's convention: ``x_t = (1 - t) x_0 + t noise``, target ``noise - x_0``, t = 1
 is noise. Times are drawn logit-normal (with a uniform share so both ends are seen) and pushed
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from fireflow._io import atomic_write
-from fireflow.demo import data as emoji_data
 from fireflow.models._pipeline import shift_mu
 from fireflow.models.demo import PATCH, MiniLMEncoder, grid_ids, pack, transformer_config
 from fireflow.models.flux import FLUX_DEV_SCHEDULER
+from research.bundled import emoji as emoji_data
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     model: dict = field(default_factory=transformer_config)
     data: str = str(emoji_data.DATA_FILE)
     #: "emoji" (the fixed rendered set in ``data``) or "scenes" (composited on the fly,
-    #: :mod:`fireflow.demo.scenes`; ``data`` is then unused).
+    #: :mod:`research.bundled.scenes`; ``data`` is then unused).
     dataset: str = "emoji"
 
 
@@ -77,7 +77,7 @@ class Trainer:
         self.step = 0
 
         if cfg.dataset == "scenes":
-            from fireflow.demo import scenes
+            from research.bundled import scenes
 
             self.source = scenes.SceneSource()
             self.prompts = list(self.source.prompts)

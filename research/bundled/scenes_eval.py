@@ -1,10 +1,10 @@
 """Layout-aware evaluation on held-out scenes: FireFlow's editing table in miniature.
 
-    python -m fireflow.demo.scenes_eval write-set [--out fireflow/demo/scenes_pie]
-    python -m fireflow.demo.scenes_eval table --weights DIR --out docs/scenes
-    python -m fireflow.demo.scenes_eval layout --data fireflow/demo/scenes_pie --edits OUT   # a bench pie run
+    python -m research.bundled.scenes_eval write-set [--out fireflow/bench/scenes_pie]
+    python -m research.bundled.scenes_eval table --weights DIR --out docs/scenes
+    python -m research.bundled.scenes_eval layout --data fireflow/bench/scenes_pie --edits OUT   # a bench pie run
 
-**The set** (``write-set``; committed as ``fireflow/demo/scenes_pie``): 140 source scenes drawn
+**The set** (``write-set``; committed as ``fireflow/bench/scenes_pie``): 140 source scenes drawn
 only from the held-out tenth of all scenes (never seen in training), each with one edit, in
 PIE-Bench's format (``mapping_file.json`` + ``annotation_images/<type folder>/<id>.png``, masks as
 PIE-Bench's flat ``[start, length, ...]`` runs over the 32x32 image), so ``fireflow bench pie`` and
@@ -35,7 +35,7 @@ opaque pixels (alpha = 1).
 ``table`` measures generation (every prompt, 2 noises, FireFlow 8 steps: detected object and
 background against the prompt's), reconstruction of the 140 sources at equal NFE, and the edits
 for each solver, inject 0..3 and strategy, and writes ``scenes_eval.json``, ``scenes_table.md`` and
-``scenes_grid.png``. Threads default to 1 (see fireflow.demo.train).
+``scenes_grid.png``. Threads default to 1 (see research.bundled.train).
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fireflow._io import atomic_write
-from fireflow.demo import scenes as S
+from fireflow.bench._io import pyplot
+from fireflow.bench.pie import SCENES_PIE
 from fireflow.metrics import encode_pie_mask
 from fireflow.models.base import Geometry
+from research.bundled import scenes as S
+from research.bundled.quality import to_grid
 
-SET_DIR = Path(__file__).with_name("scenes_pie")
+SET_DIR = SCENES_PIE
 TYPE_FOLDERS = {"1": "1_change_object_80", "6": "6_change_attribute_color_40", "8": "8_change_background_80"}
 TYPE_NAMES = {"1": "object", "6": "colour", "8": "background"}
 SET_SEED = 2025
@@ -503,18 +506,6 @@ def run_examples(bench: Bench, folder: Path = EXAMPLES_DIR, model: str = "scenes
     return rows, images
 
 
-def to_grid(columns: list[torch.Tensor], scale: int = 3, pad: int = 2) -> Image.Image:
-    rows, _, h, w = columns[0].shape
-    grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 160, np.uint8)
-    for c, col in enumerate(columns):
-        arr = (col.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-        for r in range(rows):
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            grid[y : y + h, x : x + w] = arr[r]
-    img = Image.fromarray(grid)
-    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-
-
 #: Rows of the picture grid: ids of the set, a few per type.
 GRID_ROWS = 4
 #: Columns of the picture grid after source and ideal edit.
@@ -668,11 +659,9 @@ def run_probe(weights: str, data: Path = SET_DIR) -> dict:
 
 def plot_curve(log: Path, out: Path, probes: Path | None = None) -> None:
     """The training loss from ``log.jsonl`` (and probe results, if given) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        raise SystemExit("the training curve needs matplotlib: pip install matplotlib")
     recs = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     by_step = {r["step"]: r for r in recs}  # a resumed run may log a step twice: keep the last
     steps = sorted(by_step)

@@ -1,0 +1,227 @@
+"""The page's edit requests: check every input, run one edit, say what it did or what was wrong."""
+
+from __future__ import annotations
+
+import html
+import math
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fireflow.web.results import save_result
+
+if TYPE_CHECKING:
+    from fireflow.editor import FireFlowEditor
+    from fireflow.settings import EditSettings, ResolvedSettings
+
+#: Upper bound on steps per pass accepted from the page (fireflow.settings allows more), so one request
+#: cannot hold the queue for hours.
+MAX_STEPS = 100
+
+
+class Unreadable:
+    """What the image input hands on for an upload it cannot read (the edit reports it)."""
+
+
+NOT_AN_IMAGE = "The upload is not an image this server can read; use PNG, JPEG, WebP, GIF, BMP or TIFF."
+UPLOAD_GONE = "The uploaded image is no longer on this server (it keeps only the latest uploads); upload it again."
+
+
+class EditError(ValueError):
+    """Bad input to the page's edit: one line, plain text, naming the page's own labels."""
+
+
+def error_html(message: str) -> str:
+    """The error line shown in the page in place of the result line (escaped: it may echo user text)."""
+    return f'<div class="fireflow-error" role="alert">Cannot edit: {html.escape(message)}</div>'
+
+
+def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Path):
+    """The request handlers ``(page, api)``: check the inputs, run one edit, return what the page shows.
+
+    Both run the same edit. On bad input ``page`` returns the message in place of the result line and
+    clears every result and the download (so nothing stale stays on screen); ``api`` raises
+    ``gr.Error`` with the plain-text message, for API clients. Errors nobody expected are reported
+    the same way, with their traceback on the server's stderr.
+    """
+    import gradio as gr
+
+    from fireflow.settings import SettingError
+
+    def run(
+        image: str | Unreadable | None,
+        source: str,
+        target: str,
+        steps: float | None,
+        inject: float | None,
+        guidance: float | None,
+        solver: str,
+        strategy: str,
+        blocks: str,
+        inversion_guidance: float | None,
+        reconstruction: bool,
+        mask_paint: Any = None,
+        mask_file: str | None = None,
+        paste: bool = False,
+    ) -> tuple:
+        pil = source_image(image, max_pixels)
+        source, target = check_prompts(source, target)
+        settings = check_knobs(
+            editor,
+            num_steps=steps,
+            inject=inject,
+            guidance=guidance,
+            inversion_guidance=inversion_guidance,
+            solver=solver,
+            strategy=strategy,
+            blocks=blocks,
+        )
+        mask = page_mask(mask_paint, mask_file, max_pixels)
+        if paste and mask is None:
+            raise EditError("Paste the source pixels needs a mask: paint the region to edit or upload a mask.")
+        try:
+            out = editor.edit(
+                pil,
+                source,
+                target,
+                settings,
+                mask=mask,
+                paste_pixels=bool(paste),
+                reconstruction=bool(reconstruction),
+                max_pixels=max_pixels,
+            )
+        except SettingError as e:
+            raise EditError(e.worded("label")) from None
+        except ValueError as e:  # the editor's messages name the bad value and what is accepted
+            raise EditError(str(e)) from None
+        path = save_result(out.image, workdir)
+        return (
+            out.source,
+            out.image,
+            gr.Image(value=out.reconstruction, visible=out.reconstruction is not None),
+            result_line(out, target, mask is not None, paste),
+            gr.DownloadButton(value=str(path), interactive=True),
+        )
+
+    def page(*inputs: Any) -> tuple:
+        try:
+            return run(*inputs)
+        except EditError as e:
+            message = str(e)
+        except Exception as e:  # noqa: BLE001 - the page must say something, and keep serving
+            traceback.print_exc()
+            message = f"the edit failed on the server: {type(e).__name__}: {e}"
+        return (
+            None,
+            None,
+            gr.Image(value=None, visible=False),
+            error_html(message),
+            gr.DownloadButton(value=None, interactive=False),
+        )
+
+    def api(*inputs: Any) -> tuple:
+        try:
+            return run(*inputs)
+        except EditError as e:  # plain text: an API client gets the message as written, no HTML entities
+            raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
+
+    return page, api
+
+
+def source_image(image: str | Unreadable | None, max_pixels: int | None) -> Any:
+    """The uploaded source as a PIL image, or an :class:`EditError` saying what is wrong with the upload."""
+    from fireflow.image import ImageError, ImageTooLarge, load_image
+
+    if not image:
+        raise EditError("Upload or paste an image first.")
+    if isinstance(image, Unreadable):
+        raise EditError(NOT_AN_IMAGE)
+    if not Path(image).is_file():
+        raise EditError(UPLOAD_GONE)
+    try:
+        return load_image(image, max_pixels, name="The image")  # sized from the header, then decoded
+    except ImageTooLarge as e:
+        raise EditError(f"{e}".replace("the limit of", "this server's limit of")) from None
+    except ImageError:
+        raise EditError(NOT_AN_IMAGE) from None
+
+
+def check_prompts(source: str | None, target: str | None) -> tuple[str, str]:
+    """Both prompts, stripped, or an :class:`EditError` naming the empty one."""
+    if not (source or "").strip():
+        raise EditError("The source prompt is empty: describe what the image shows.")
+    if not (target or "").strip():
+        raise EditError("The target prompt is empty: describe what the edit should show.")
+    return source.strip(), target.strip()
+
+
+def result_line(out: Any, target: str, masked: bool, paste: bool) -> str:
+    """The line under the results: calls, time, size, the knobs the edit ran with, the target, the mask."""
+    s = out.source
+    text = f"<b>{out.nfe} NFE</b> · {out.seconds:.2f} s · {s.width}×{s.height} · {html.escape(describe(out.settings))}"
+    text += f" · target: “{html.escape(target)}”"
+    if masked:
+        text += f" · masked: {int(out.mask.mean() * 100)}% of the image edited" + (" (pixels pasted)" if paste else "")
+    return text
+
+
+def mask_background(path: Any, max_pixels: int | None) -> dict | None:
+    """The painter's value for a new upload: the image, no strokes (None for what cannot be read)."""
+    from fireflow.image import ImageError, load_image
+
+    if not path or isinstance(path, Unreadable):
+        return None
+    try:
+        background = np.asarray(load_image(path, max_pixels).convert("RGBA"))
+    except (ImageError, OSError):
+        return None
+    return {"background": background, "layers": [], "composite": background}
+
+
+def page_mask(painted: Any, uploaded: str | None, max_pixels: int | None) -> np.ndarray | None:
+    """The edit mask from the page: an uploaded mask image, else the painted strokes (any pixel a
+    stroke covers), else None (an unmasked edit)."""
+    from fireflow.image import ImageError, load_image
+
+    if uploaded:
+        try:
+            return np.asarray(load_image(uploaded, max_pixels, name="The mask").convert("L")) >= 128
+        except ImageError as e:
+            raise EditError(f"The mask upload cannot be used: {e}") from None
+    layers = (painted or {}).get("layers") or [] if isinstance(painted, dict) else []
+    strokes = [np.asarray(layer)[..., 3] > 0 for layer in layers if layer is not None and np.asarray(layer).ndim == 3]
+    if not strokes or not np.logical_or.reduce(strokes).any():
+        return None
+    return np.logical_or.reduce(strokes)
+
+
+def check_knobs(editor: FireFlowEditor, **values: Any) -> ResolvedSettings:
+    """The page's knob values (by API name) as checked settings for ``editor``'s model, or an
+    :class:`EditError` naming the page's label. fireflow.settings does the checking, against this
+    model's blocks too, before anything is expanded or run; the page adds that no field may be left
+    empty (an empty field is not "the default" here) and this server's bound on Steps."""
+    from fireflow.settings import KNOBS, EditSettings, SettingError
+
+    for name, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip() and name != "blocks"):
+            raise EditError(f"{KNOBS[name].label} is empty: enter a value.")
+    n = values["num_steps"]
+    if isinstance(n, (int, float)) and not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_STEPS):
+        shown = int(n) if math.isfinite(n) and n == int(n) else n
+        label = KNOBS["num_steps"].label
+        raise EditError(f"{label} must be a whole number between 1 and {MAX_STEPS} on this server, got {shown}.")
+    settings = EditSettings.from_values(values, ignore_none=False)
+    try:
+        return editor.resolve(settings)
+    except SettingError as e:
+        raise EditError(e.worded("label")) from None
+
+
+def describe(s) -> str:
+    """The knobs an edit actually ran with (the editor's record, not the form's), in one line."""
+    from fireflow.settings import describe_blocks
+
+    span = describe_blocks(s.blocks)
+    return f"{s.solver}, {s.num_steps} steps, inject {s.inject}, {s.strategy} in blocks {span}, guidance {s.guidance:g}"

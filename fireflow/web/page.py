@@ -1,0 +1,207 @@
+"""The page's layout: inputs and knobs on the left, source / edit / reconstruction side by side."""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fireflow.image import MAX_PIXELS
+from fireflow.web.handlers import Unreadable, make_edit_fn, mask_background
+from fireflow.web.results import KEEP_RESULTS_S, Example, default_examples
+
+if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
+    import gradio as gr
+
+    from fireflow.editor import FireFlowEditor
+
+#: Nearest-neighbour scaling: the demo model works at 32x32, and blurred pixels would hide what it did.
+CSS = """
+.fireflow-result .image-frame { width: 100%; height: 100%; }
+.fireflow-result .image-frame img {
+    width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;
+}
+#edit-info { min-height: 1.5em; }
+.fireflow-error { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+"""
+
+
+def build_app(
+    editor: FireFlowEditor,
+    *,
+    max_pixels: int | None = MAX_PIXELS,
+    concurrency: int = 1,
+    examples: Sequence[Example] | None = None,
+    workdir: str | os.PathLike | None = None,
+    title: str = "FireFlow image editing",
+) -> gr.Blocks:
+    """The page: inputs and knobs on the left, source / edit / reconstruction side by side.
+
+    ``concurrency`` bounds the edits running at once (the queue holds the rest). Default 1: on a
+    CPU one edit already uses every core through torch's threads, so a second one would only
+    halve the speed of both; on a GPU, FLUX fills the card, and two edits double the memory of
+    the stored features. Raise it on a big GPU with a small model. ``examples`` defaults to the
+    bundled ones (:func:`default_examples`). Result files go to ``workdir`` (default: a new
+    temporary folder), so no page action touches any other server path.
+    """
+    import gradio as gr
+
+    from fireflow.features import STRATEGIES
+    from fireflow.settings import KNOBS, EditSettings, describe_blocks
+
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fireflow-web-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if examples is None:
+        examples = default_examples(workdir / "examples", getattr(editor, "model_name", "demo"))
+    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
+    size_note = getattr(editor.adapter, "size_note", None)
+    # The demo model has no guidance input: say so next to the knob rather than let it look broken.
+    has_guidance = editor.adapter.guidance_kind != "none"
+    guidance_info = "while editing" if has_guidance else "unused by this model"
+    defaults = editor.resolve(EditSettings())  # this model's values of the knobs the table leaves to it
+
+    def knob(name: str, elem_id: str, info: str | None = None) -> Any:
+        """The control of one knob of fireflow.settings.KNOBS: its label, its default for this model."""
+        k = KNOBS[name]
+        value = getattr(defaults, name) if k.default is None else k.default
+        if name == "strategy":  # any space-separated mix may be typed; fireflow.settings checks it
+            return gr.Dropdown(
+                [*STRATEGIES, "replace_v add_k"], value=value, label=k.label, allow_custom_value=True, elem_id=elem_id
+            )
+        if k.choices:
+            return gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id)
+        if isinstance(value, str):
+            return gr.Textbox(value, label=k.label, elem_id=elem_id, info=info)
+        # No precision: a step count of 2.5 must reach the check and be refused, not be rounded to 2.
+        return gr.Number(value, label=k.label, min_width=90, elem_id=elem_id, info=info)
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
+        gr.Markdown(
+            f"## {html.escape(title)}\n"
+            "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
+            "reusing the attention values of the inversion "
+            "([FireFlow](https://arxiv.org/abs/2412.07517), Deng et al., ICML 2025). "
+            f"Model: `{editor.model_name}`." + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = _image_input(gr)
+                with gr.Accordion("Mask: edit one region only (optional)", open=False, elem_id="mask-panel"):
+                    mask_paint = gr.ImageEditor(
+                        label="Paint the region to edit (white), over the source",
+                        type="numpy",
+                        image_mode="RGBA",
+                        sources=[],  # the background is the uploaded image, set below
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
+                        transforms=[],
+                        layers=False,
+                        height=320,
+                        elem_id="mask-editor",
+                    )
+                    mask_file = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload"],
+                        label="...or upload a mask image (white = edit, any size)",
+                        height=160,
+                        elem_id="mask-upload",
+                    )
+                    paste = gr.Checkbox(
+                        False, label="Paste the source pixels outside the mask (exact background)", elem_id="paste"
+                    )
+                source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
+                target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
+                with gr.Row():
+                    steps = knob("num_steps", "steps", "per pass")
+                    inject = knob("inject", "inject", "steps reusing V")
+                    guidance = knob("guidance", "guidance", guidance_info)
+                with gr.Row():
+                    solver = knob("solver", "solver")
+                    strategy = knob("strategy", "strategy")
+                    blocks = knob("blocks", "blocks", f"default ({describe_blocks(defaults.blocks)}), all, 0-3, 0,5,9")
+                with gr.Accordion("More", open=False, elem_id="more"):
+                    inv_info = "paper: 1" if has_guidance else "unused by this model"
+                    inversion_guidance = knob("inversion_guidance", "inversion-guidance", inv_info)
+                recon = gr.Checkbox(False, label="Show reconstruction (source prompt, no injection)", elem_id="recon")
+                run = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    out_source = _result_image(gr, "Source (as the model saw it)", "out-source")
+                    out_edit = _result_image(gr, "Edit", "out-edit")
+                    out_recon = _result_image(gr, "Reconstruction", "out-recon", visible=False)
+                info = gr.HTML(elem_id="edit-info")
+                download = gr.DownloadButton("Download edit (PNG)", interactive=False, elem_id="download")
+                gallery = None
+                if examples:  # under the results, where the page has room for it
+                    gallery = gr.Examples(
+                        [[e.image, e.source, e.target] for e in examples],
+                        inputs=[image, source, target],
+                        label="Examples: click one to run it with the knobs as set",
+                        examples_per_page=12,
+                    )
+        # The painter shows the uploaded source underneath the strokes.
+        image.change(lambda path: mask_background(path, max_pixels), image, mask_paint, api_visibility="private")
+        inputs = [image, source, target, steps, inject, guidance, solver, strategy, blocks, inversion_guidance, recon]
+        inputs += [mask_paint, mask_file, paste]
+        outputs = [out_source, out_edit, out_recon, info, download]
+        # One concurrency_id: the button, Enter, the gallery and the API share one bounded pool of workers.
+        # The page's events report bad input in the page; the API endpoint, on a button never shown,
+        # raises it as an error event for API clients.
+        api_button = gr.Button("edit", visible=False, elem_id="api-edit")
+        api_button.click(api_fn, inputs, outputs, api_name="edit", concurrency_limit=concurrency, concurrency_id="edit")
+        for event in (run.click, target.submit, *([gallery.load_input_event.then] if gallery else [])):
+            event(
+                page_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
+            )
+    return app
+
+
+def _image_input(gr: Any) -> gr.Image:
+    """An image upload (or paste) handed to the edit as its file path, undecoded.
+
+    ``fireflow.image.load_image`` reads it later, sizing it from its header first; Gradio's own
+    preprocessing would open it with Pillow and fail on a decompression bomb with an exception.
+    """
+    image = gr.Image(
+        type="filepath",
+        image_mode=None,  # keep the file as uploaded; fireflow.image does the conversion
+        sources=["upload", "clipboard"],
+        label="Image (upload or paste)",
+        elem_id="input-image",
+        height=320,
+    )
+    stock = image.preprocess
+
+    def preprocess(payload: Any) -> str | Unreadable | None:
+        if payload is None:
+            return None
+        if getattr(payload, "path", None) and not str(getattr(payload, "url", None) or "").startswith("data:"):
+            return str(payload.path)  # Gradio has checked it is an upload of this server
+        try:
+            return stock(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - a pasted data URL that is not an image
+            return Unreadable()
+
+    # Wrapped on this one instance, not by subclassing: Gradio writes a .pyi file next to the
+    # module of every Component subclass, and a package must not write into itself.
+    image.preprocess = preprocess
+    return image
+
+
+def _result_image(gr: Any, label: str, elem_id: str, visible: bool = True) -> gr.Image:
+    return gr.Image(
+        label=label,
+        type="pil",
+        format="png",  # lossless: the page shows exactly what the editor returned
+        interactive=False,
+        buttons=["download", "fullscreen"],
+        height=256,
+        elem_id=elem_id,
+        elem_classes=["fireflow-result"],
+        visible=visible,
+    )
