@@ -116,8 +116,8 @@ class ChromaAdapter(FluxAdapter):
             x, mask = embeds.get(f"{prefix}prompt_embeds"), embeds.get(f"{prefix}prompt_attention_mask")
             if mask is None:
                 raise ValueError(
-                    f"Chroma needs {prefix}prompt_attention_mask with {prefix}prompt_embeds (the pipeline's encode_prompt "
-                    "returns both; 1 for the tokens attended to)"
+                    f"Chroma needs {prefix}prompt_attention_mask with {prefix}prompt_embeds "
+                    "(the pipeline's encode_prompt returns both; 1 for the tokens attended to)"
                 )
             if mask.shape != x.shape[:2]:
                 raise ValueError(
