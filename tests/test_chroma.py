@@ -193,3 +193,15 @@ def test_cli_edit_and_from_pretrained_on_a_tiny_chroma_folder(tmp_path, capsys):
     assert isinstance(editor.adapter, ChromaAdapter) and editor.adapter.pipe.text_encoder is not None
     result = editor.edit(Image.open(image), "a photo", "a painting", num_steps=2)
     assert result.images[0].size == (96, 64) and result.nfe == 6
+
+
+def test_a_bare_transformer_gets_the_latent_api(editor, inputs):
+    """The reference scheduler (FLUX.1-dev's, as the tiny pipeline's) with no pipeline around it."""
+    bare = FireFlowEditor(transformer=editor.transformer)
+    assert isinstance(bare.adapter, ChromaAdapter) and bare.adapter.pipe is None
+    kw = dict(num_steps=3, guidance=3.0, **_side(inputs, "target"))
+    torch.testing.assert_close(
+        bare.sample_latents(inputs["latents"], H, W, **kw), editor.sample_latents(inputs["latents"], H, W, **kw)
+    )
+    with pytest.raises(ValueError, match="no text encoder"):
+        bare.adapter.encode_prompt(["a cat"])
