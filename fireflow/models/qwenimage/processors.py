@@ -45,7 +45,8 @@ class QwenImageFeatureProcessor:
         head_dim = attn.inner_dim // attn.heads
         shape = (-1, head_dim)
         x, c = hidden_states, encoder_hidden_states
-        q, k, v = attn.to_q(x).unflatten(-1, shape), attn.to_k(x).unflatten(-1, shape), attn.to_v(x).unflatten(-1, shape)
+        q, k, v = attn.to_q(x).unflatten(-1, shape), attn.to_k(x).unflatten(-1, shape), attn.to_v(x)
+        v = v.unflatten(-1, shape)
         tq, tk = attn.add_q_proj(c).unflatten(-1, shape), attn.add_k_proj(c).unflatten(-1, shape)
         tv = attn.add_v_proj(c).unflatten(-1, shape)
         if attn.norm_q is not None:
