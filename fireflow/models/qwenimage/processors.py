@@ -60,10 +60,16 @@ class QwenImageFeatureProcessor:
         text_len = c.shape[1]
         if fireflow is not None:
             # Text tokens first, then image tokens: the order the attention runs in.
-            jq, jk, jv = fireflow(self.block, torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1))
-            tq, q = jq[:, :text_len], jq[:, text_len:]
-            tk, k = jk[:, :text_len], jk[:, text_len:]
-            tv, v = jv[:, :text_len], jv[:, text_len:]
+            image_len = x.shape[1]
+            cur = (torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1))
+            try:
+                got = fireflow(self.block, *cur)
+            except RuntimeError as e:  # adding features recorded under a text of another length
+                raise ValueError(
+                    f"{self.block}: the recorded features do not fit this call's {text_len} text tokens ({e}); "
+                    "encode the source and target prompts in one batch so that they are padded alike"
+                ) from None
+            (tq, q), (tk, k), (tv, v) = (_split(g, c, image_len) for g, c in zip(got, cur, strict=True))
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             q = apply_rotary_emb_qwen(q, img_freqs, use_real=False)
@@ -91,6 +97,20 @@ class QwenImageFeatureProcessor:
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)
         return image_out, attn.to_add_out(text_out.contiguous())
+
+
+def _split(got: torch.Tensor, cur: torch.Tensor, image_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text, image)`` of a joint tensor the store handed back. Replaced features recorded under
+    a prompt of another length (latent API, prompts encoded apart: the pipeline pads to the
+    longest prompt of a batch) are fitted to this call's text: the recorded tokens position by
+    position, cut at this call's length, or completed with this call's own."""
+    text_len = cur.shape[1] - image_len
+    text, image = got[:, : got.shape[1] - image_len], got[:, got.shape[1] - image_len :]
+    if text.shape[1] > text_len:
+        text = text[:, :text_len]
+    elif text.shape[1] < text_len:
+        text = torch.cat([text, cur[:, text.shape[1] : text_len]], 1)
+    return text, image
 
 
 def qwenimage_layers(transformer: torch.nn.Module) -> dict[str, BlockId]:
