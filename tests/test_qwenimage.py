@@ -202,3 +202,14 @@ def test_cli_edit_and_from_pretrained_on_a_tiny_folder(tmp_path, capsys):
     editor = FireFlowEditor.from_pretrained(folder)
     result = editor.edit(Image.open(image), "a photo", "a painting", num_steps=2)
     assert result.image.size == (40, 32) and result.nfe == 6
+
+
+def test_replaced_text_features_of_another_length_are_fitted():
+    from fireflow.models.qwenimage.processors import _split
+
+    cur = torch.randn(1, 6 + 4, 3, 16)  # 6 text tokens, 4 image tokens
+    longer, shorter = torch.randn(1, 8 + 4, 3, 16), torch.randn(1, 3 + 4, 3, 16)
+    text, image = _split(longer, cur, 4)
+    assert torch.equal(text, longer[:, :6]) and torch.equal(image, longer[:, 8:])
+    text, image = _split(shorter, cur, 4)
+    assert torch.equal(text, torch.cat([shorter[:, :3], cur[:, 3:6]], 1)) and torch.equal(image, shorter[:, 3:])
