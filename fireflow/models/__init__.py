@@ -46,6 +46,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "fireflow.models.sd3",
     "fireflow.models.flux2",
     "fireflow.models.chroma",
+    "fireflow.models.qwenimage",
 )
 
 
