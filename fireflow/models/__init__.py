@@ -45,6 +45,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "fireflow.models.flux",
     "fireflow.models.sd3",
     "fireflow.models.flux2",
+    "fireflow.models.wan",
 )
 
 
