@@ -260,3 +260,15 @@ def test_edit_a_clip_from_a_tiny_folder(tmp_path, variant):
     assert len(video) == 9 and all(f.size == (32, 32) for f in video)
     with pytest.raises(ValueError, match="give 5 or 9"):
         editor.edit(frames[:7], "a cat", "a dog", num_steps=2)
+
+
+def test_attn2_injection_pulls_the_edit_back_to_the_source(editor, inputs):
+    """attn2's V comes from the text: replacing it brings back the source prompt's values, and the
+    edit moves toward the source (why attn1 is the default). On these random tiny models attn1
+    moves the edit little from plain target sampling; attn2 moves it back toward the source."""
+    x = inputs["latents"]
+    plain = editor.edit_latents(x, inject=0, **_strip(inputs))
+    v1 = editor.edit_latents(x, inject=3, blocks="attn1:all", **_strip(inputs))
+    v2 = editor.edit_latents(x, inject=3, blocks="attn2:all", **_strip(inputs))
+    assert rel(v2, x) < rel(plain, x) - 1e-3
+    assert rel(v2, plain) > rel(v1, plain)
