@@ -47,6 +47,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "fireflow.models.flux2",
     "fireflow.models.chroma",
     "fireflow.models.qwenimage",
+    "fireflow.models.wan",
 )
 
 
