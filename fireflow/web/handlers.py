@@ -14,7 +14,7 @@ from fireflow.web.results import save_result
 
 if TYPE_CHECKING:
     from fireflow.editor import FireFlowEditor
-    from fireflow.settings import EditSettings, ResolvedSettings
+    from fireflow.settings import ResolvedSettings
 
 #: Upper bound on steps per pass accepted from the page (fireflow.settings allows more), so one request
 #: cannot hold the queue for hours.
