@@ -1,6 +1,6 @@
 """Train the scenes-video demo model: the scenes model's architecture on moving-scenes clips.
 
-    python -m research.scenes_video.train --out /work/runs/scenes_video --steps 7000 --ckpt-every 250
+    python -m research.scenes_video.train --out /work/runs/scenes_video --steps 6000 --ckpt-every 250
     python -m research.scenes_video.train --out /work/runs/scenes_video --resume   # continue after a stop
 
 The trainer is :class:`fireflow.demo.train.Trainer` (rectified flow in FLUX's convention,
@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, log.jsonl, probes.jsonl, weights/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for this invocation")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default 7000)")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default 6000)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     p.add_argument("--frames", type=int, default=C.FRAMES)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -183,7 +183,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     cfg = VideoTrainConfig(
-        steps=7000,
+        steps=6000,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup=args.warmup,
