@@ -63,6 +63,8 @@ class TrainConfig:
 class Trainer:
     """One training run: model, EMA copy, optimiser, data and the run's random generator."""
 
+    config_cls = TrainConfig
+
     def __init__(self, cfg: TrainConfig, device: torch.device):
         from diffusers import FluxTransformer2DModel
 
@@ -76,6 +78,15 @@ class Trainer:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0
 
+        self.setup_data()
+        embeds, pooled = MiniLMEncoder()(self.prompts)  # frozen: encode once
+        self.embeds, self.pooled = embeds.to(device), pooled.to(device)
+        self.txt_ids = torch.zeros(self.embeds.shape[1], 3, device=device)
+
+    def setup_data(self) -> None:
+        """Set ``source`` (or the fixed tokens ``x0``), ``prompts``, ``img_ids`` and ``e_mu`` (the
+        time shift) for ``cfg.dataset``; a subclass training on other data overrides it."""
+        cfg, device = self.cfg, self.device
         if cfg.dataset == "scenes":
             from research.bundled import scenes
 
@@ -92,10 +103,7 @@ class Trainer:
             side = pixels.shape[-1]
         else:
             raise ValueError(f"unknown dataset {cfg.dataset!r} (emoji or scenes)")
-        embeds, pooled = MiniLMEncoder()(self.prompts)  # frozen: encode once
-        self.embeds, self.pooled = embeds.to(device), pooled.to(device)
         self.img_ids = grid_ids(side // PATCH, side // PATCH).to(device)
-        self.txt_ids = torch.zeros(self.embeds.shape[1], 3, device=device)
         self.e_mu = math.exp(shift_mu((side // PATCH) ** 2, FLUX_DEV_SCHEDULER))
 
     def lr_at(self, step: int) -> float:
@@ -112,14 +120,18 @@ class Trainer:
         u = torch.where(torch.rand(n, generator=gen) < self.cfg.uniform_share, uniform, u)
         return self.e_mu / (self.e_mu + (1 / u.clamp(1e-5, 1) - 1))  # the grid's shift
 
-    def loss(self, model: torch.nn.Module, b: int, gen: torch.Generator) -> torch.Tensor:
-        """Flow-matching loss of ``model`` on a batch of ``b`` drawn with ``gen``."""
+    def draw(self, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``b`` drawn with ``gen``: tokens ``[b, L, C]`` and prompt indices ``[b]``."""
         if self.source is None:
             idx = torch.randint(len(self.prompts), (b,), generator=gen).to(self.device)
-            x0 = self.x0[idx]
-        else:  # a fresh composited batch, drawn with the same generator
-            pixels, idx = self.source.batch(b, gen)
-            x0, idx = pack(pixels).to(self.device), idx.to(self.device)
+            return self.x0[idx], idx
+        # a fresh composited batch, drawn with the same generator
+        pixels, idx = self.source.batch(b, gen)
+        return pack(pixels).to(self.device), idx.to(self.device)
+
+    def loss(self, model: torch.nn.Module, b: int, gen: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of ``model`` on a batch of ``b`` drawn with ``gen``."""
+        x0, idx = self.draw(b, gen)
         t = self.sample_t(b, gen).to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
@@ -178,13 +190,20 @@ class Trainer:
         """Checkpoint (atomic) and export the EMA weights for the adapter (atomic folder swap)."""
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "checkpoint.pt", lambda f: torch.save(self.state_dict(), f))
-        export_weights(self.ema, out / "weights")
+        export_weights(self.ema, out / "weights", self.export_files())
+
+    def export_files(self) -> dict[str, str]:
+        """Extra text files (name -> content) exported beside the weights; none here."""
+        return {}
 
 
-def export_weights(model: torch.nn.Module, folder: Path) -> None:
-    """``save_pretrained`` into a temp folder beside ``folder``, then swap it in."""
+def export_weights(model: torch.nn.Module, folder: Path, files: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` (and ``files``, name -> text) into a temp folder beside ``folder``,
+    then swap it in."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".weights-"))
     model.save_pretrained(tmp)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; the weights are meant to be shipped
         f.chmod(0o755 if f.is_dir() else 0o644)
     old = folder.with_name(folder.name + ".old")
@@ -209,24 +228,27 @@ def train(
     log_every: int = 50,
     ckpt_every: int = 250,
     device: str | torch.device | None = None,
+    trainer_cls: type[Trainer] = Trainer,
 ) -> Trainer:
     """Run (or resume) training to ``cfg.steps`` (``steps`` overrides it), checkpointing on exit.
 
     Stops early, with a checkpoint to resume from, after ``minutes`` of wall time or at step
     ``until``; the schedule stays that of the whole run, so a resumed run matches an unbroken one.
+    ``trainer_cls`` (a :class:`Trainer` subclass, with its config class as ``config_cls``) trains
+    other data or models.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = out / "checkpoint.pt"
     state = None
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        cfg = TrainConfig(**state["config"])
+        cfg = trainer_cls.config_cls(**state["config"])
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-    cfg = cfg or TrainConfig()
+    cfg = cfg or trainer_cls.config_cls()
     if steps is not None:  # extend (or shorten) a run; the cosine schedule stretches with it
         cfg.steps = steps
-    trainer = Trainer(cfg, device)
+    trainer = trainer_cls(cfg, device)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed at step {trainer.step} from {ckpt}", flush=True)
