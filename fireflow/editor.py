@@ -423,7 +423,7 @@ class FireFlowEditor:
         """``(frames as the model sees them, their latents, the geometry, the input as loaded)``."""
         a = self.adapter
         original = load_frames(media, max_pixels)
-        a.prepare_frames(len(original))
+        original = original[: a.prepare_frames(len(original))]  # a video family may trim (e.g. to 4k + 1)
         frames = [a.prepare_image(f, resize) for f in original]
         if len({f.size for f in frames}) != 1:
             raise ValueError(f"frames of different sizes: {sorted({f.size for f in frames})}; give frames of one size")

@@ -279,7 +279,8 @@ class ModelAdapter(ABC):
         """The model's size policy for one image or frame: crop or resize to a size it accepts."""
 
     def prepare_frames(self, frames: int) -> int:
-        """The frame count this model takes for ``frames`` input frames (video families trim)."""
+        """How many of ``frames`` input frames this model edits: all of them, or fewer where a video
+        family trims (the editor keeps the first ones); a count it cannot use is a ValueError."""
         if frames != 1 and not self.video:
             raise ValueError(f"{frames} frames given: {self.name} edits images, not videos")
         return frames
