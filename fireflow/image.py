@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +95,14 @@ def _open_file(path: Path, max_pixels: int | None, name: str | None = None) -> I
     # Pillow's own guard sits at 2 x Image.MAX_IMAGE_PIXELS; ours is usually far lower, and the
     # warning Pillow prints between its two thresholds would be a second line for one refusal.
     bomb_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    # Sized from the header first: an image over our limit is refused before Pillow's own checks,
+    # so Pillow's decompression-bomb warning (between its two thresholds) is never reached for it,
+    # with no process-wide warning filter (``warnings.catch_warnings`` is not thread-safe).
+    size = _header_size(path)
+    if size is not None:
+        check_pixels(size, max_pixels, what)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)  # reads the header only
+        im = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as e:
         limit = min(x for x in (max_pixels, bomb_limit) if x is not None)
         size = _header_size(path)
