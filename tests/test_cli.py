@@ -224,3 +224,30 @@ def test_the_old_double_blocks_flag_is_refused(image, capsys):
     with pytest.raises(SystemExit) as e:
         main(["edit", str(image), "-s", "a", "-t", "b", "--double-blocks", "all"])
     assert e.value.code == 2 and "unrecognized arguments: --double-blocks" in capsys.readouterr().err
+
+
+def test_a_bare_transformer_folder_is_refused_before_loading(tiny_flux_dir, boy_jpg, tmp_path, capsys):
+    """A diffusers transformer folder (config.json, no model_index.json) serves the latent-level API;
+    the CLI's image commands need the whole pipeline and say so in one line, before any load."""
+    folder = tiny_flux_dir / "transformer"
+    out = tmp_path / "x.png"
+    assert main(["edit", boy_jpg, "-s", "a boy", "-t", "a girl", "--model", str(folder), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is a bare FluxTransformer2DModel folder" in err and "latent-level API" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_bare_transformer_folder_loads_for_the_latent_api(tiny_flux_dir):
+    import torch
+
+    from fireflow import FireFlowEditor
+    from fireflow.models.flux import FluxAdapter
+
+    editor = FireFlowEditor.from_pretrained(tiny_flux_dir / "transformer", device="cpu", torch_dtype="fp32")
+    assert type(editor.adapter) is FluxAdapter and editor.adapter.pipe is None  # FLUX.1's family, not the demo's
+    noise = torch.randn(1, 4, 16)
+    x = editor.sample_latents(noise, 32, 32, num_steps=2, prompt_embeds=torch.randn(1, 7, 32),
+                              pooled_prompt_embeds=torch.randn(1, 32))  # fmt: skip
+    assert x.shape == noise.shape and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="this editor has no VAE"):
+        editor.edit(Image.new("RGB", (32, 32)), "a", "b")
