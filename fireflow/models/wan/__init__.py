@@ -10,8 +10,8 @@ Latents are ``[B, C, F_lat, H/8, W/8]`` (``H/16`` for TI2V), fp32, normalised as
 ``F_lat = (F - 1) // 4 + 1``: the first latent frame is video frame 0, each later one covers 4.
 
 **Frames.** Wan takes ``4k + 1`` frames. Another count is refused with the two nearest accepted
-counts named (``prepare_frames``), not trimmed: the editor does not take a trimmed count back from
-the adapter, and a silently shortened clip would be a surprise.
+counts named (``prepare_frames``), not trimmed: a silently shortened clip would be a surprise
+(the front ends' ``--max-frames`` trims on request).
 
 **Time grid.** The pipeline's own scheduler decides. The Wan folders ship
 ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``: its sigmas,
