@@ -29,6 +29,9 @@ from fireflow.features import STRATEGIES, BlockId, parse_strategy
 
 #: Largest step count accepted (a 1000-step pass is already far past any use of the method).
 MAX_STEPS = 1000
+#: Largest step count a shared server accepts from its page, so one request cannot hold the queue
+#: for hours (the web page's limit, kept in this table with the others).
+PAGE_MAX_STEPS = 100
 #: Guidance values accepted, distilled or CFG: well past any published setting.
 GUIDANCE_RANGE = (0.0, 100.0)
 RATIO_RANGE = (0.0, 10.0)

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fireflow.settings import PAGE_MAX_STEPS
 from fireflow.web.results import save_result
 
 if TYPE_CHECKING:
     from fireflow.editor import FireFlowEditor
     from fireflow.settings import ResolvedSettings
 
-#: Upper bound on steps per pass accepted from the page (fireflow.settings allows more), so one request
-#: cannot hold the queue for hours.
-MAX_STEPS = 100
+#: Upper bound on steps per pass accepted from the page (the settings table's page limit).
+MAX_STEPS = PAGE_MAX_STEPS
 
 
 class Unreadable:
