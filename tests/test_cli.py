@@ -138,7 +138,7 @@ def image(tmp_path):
         (["{image}", "--model", "{tmp}"], "not a diffusers model (no model_index.json or config.json)"),
         (["{image}", "--model", "{tmp}/corrupt"], "model_index.json is not valid JSON"),
         (["{image}", "--model", "{tmp}/noweights"], "transformer has no weights (*.safetensors or *.bin)"),
-        (["{image}", "--model", "{tmp}/unknown"], "WanPipeline is not a supported model; supported:"),
+        (["{image}", "--model", "{tmp}/unknown"], "KandinskyPipeline is not a supported model; supported:"),
         (["{image}", "-o", "{tmp}/out.txt"], "must end in one of .png"),
         (["{image}", "-o", "{tmp}/adir.png"], "-o '{tmp}/adir.png' is a folder"),
         (["{image}", "-o", "{tmp}/same.png", "--save-reconstruction", "{tmp}/same.png"], "is the same file as -o"),
@@ -154,7 +154,7 @@ def test_bad_input_one_line_error_no_output(args, message, image, tmp_path, tiny
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "model_index.json").write_text("{ not json")
     (tmp_path / "unknown").mkdir()
-    (tmp_path / "unknown" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    (tmp_path / "unknown" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     if "{tmp}/noweights" in args:
         shutil.copytree(tiny_flux_dir, tmp_path / "noweights")
         for f in (tmp_path / "noweights" / "transformer").glob("*.safetensors"):
