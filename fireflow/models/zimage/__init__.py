@@ -37,9 +37,10 @@ Defaults, and why (nothing measured on real weights):
 * V replaced over the joint ``[image, caption]`` sequence in every joint block (``joint:all``):
   Z-Image is single-stream, like FLUX.1's single blocks where the paper replaces V, in the first
   step (``inject`` 1). The image-only ``noise_refiner`` blocks are an option (``refiner:all``).
-* inversion guidance: the settings table's 1, which Z-Image reads as CFG ON (weight 2, two rows):
-  the unguided inversion FireFlow wants is ``inversion_guidance=0`` here. A family cannot change
-  that default (see the contract note in the report of this family).
+* inversion guidance: the settings table's 1, which ``ZImagePipeline``'s convention reads as CFG
+  ON (``2 pos - neg``, two rows a call): the unguided inversion FireFlow wants is
+  ``inversion_guidance=0`` here. Families cannot set that default (the table's 1 means "unguided"
+  only where CFG starts above 1); this is kept as the pipeline defines guidance, not reinterpreted.
 """
 
 from __future__ import annotations
