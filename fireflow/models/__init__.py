@@ -48,6 +48,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "fireflow.models.chroma",
     "fireflow.models.qwenimage",
     "fireflow.models.wan",
+    "fireflow.models.zimage",
 )
 
 
