@@ -203,9 +203,9 @@ class FireFlowEditor:
             return settings
         s = EditSettings.build(settings, overrides, verb)
         a = self.adapter
-        defaults = a.defaults if verb != "generate" else {"guidance": a.generate_guidance}
-        if verb in ("invert", "reconstruct"):
-            defaults = {}
+        defaults = dict(a.defaults)
+        if verb == "generate":
+            defaults["guidance"] = a.generate_guidance
         return s.resolve(defaults, a.block_counts, verb)
 
     # ---- one pass of the ODE --------------------------------------------------------------------

@@ -108,8 +108,8 @@ def _fit(stored: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
     s, c = stored.shape[0], cur.shape[0]
     if s == c:
         return stored
-    if s == 1:
-        return stored.expand_as(cur)
+    if s == 1:  # the batch only: a family may fit a differing sequence length itself
+        return stored.expand(c, *stored.shape[1:])
     if c % s == 0:
         return stored.repeat(c // s, *([1] * (stored.dim() - 1)))
     if s % c == 0:

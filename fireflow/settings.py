@@ -69,7 +69,13 @@ KNOBS: dict[str, Knob] = {
         Knob("num_steps", "--steps", "Steps", 8, f"steps per pass, 1..{MAX_STEPS} (default 8: 18 model calls an edit)"),
         Knob("inject", "--inject", "Injected steps", 1, "denoising steps that reuse inversion features (default 1)"),
         Knob("guidance", "--guidance", "Guidance", None, "guidance while editing (default: the family's, FLUX.1 2)"),
-        Knob("inversion_guidance", "--inversion-guidance", "Inversion guidance", 1.0, "guidance while inverting (1)"),
+        Knob(
+            "inversion_guidance",
+            "--inversion-guidance",
+            "Inversion guidance",
+            None,
+            "guidance while inverting (default: the family's unguided value, 1; Z-Image 0)",
+        ),
         Knob(
             "solver",
             "--solver",
@@ -228,7 +234,7 @@ class EditSettings:
     num_steps: int = 8
     inject: int = 1
     guidance: float | None = None
-    inversion_guidance: float = 1.0
+    inversion_guidance: float | None = None
     solver: str = "fireflow"
     strategy: str = "replace_v"
     blocks: Any = "default"
@@ -261,7 +267,8 @@ class EditSettings:
         if inject > num_steps:
             raise SettingError("inject", f"{{name}} must be between 0 and the step count {num_steps}, got {inject}")
         guidance = None if self.guidance is None else _number("guidance", self.guidance, *GUIDANCE_RANGE)
-        inv = _number("inversion_guidance", self.inversion_guidance, *GUIDANCE_RANGE)
+        inv = self.inversion_guidance
+        inv = None if inv is None else _number("inversion_guidance", inv, *GUIDANCE_RANGE)
         if self.solver not in solvers.SOLVERS:
             accepted = ", ".join(solvers.SOLVERS)
             raise SettingError("solver", f"{{name}}: unknown solver {self.solver!r}; accepted: {accepted}")
@@ -299,11 +306,14 @@ class EditSettings:
         main = next((k for k, *_ in default_blocks.items or () if k), next(iter(block_counts), "block"))
         spec = s.blocks if s.blocks.items is not None and edit else default_blocks
         guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance", 2.0))
+        # Unguided inversion: 1 where guidance is CFG above 1 or an embedded input; a family whose
+        # guidance is "on above 0" (Z-Image) says 0.
+        inversion = float(defaults.get("inversion_guidance", 1.0))
         return ResolvedSettings(
             num_steps=s.num_steps,
             inject=s.inject if edit else 0,
             guidance=guidance,
-            inversion_guidance=s.inversion_guidance,
+            inversion_guidance=s.inversion_guidance if s.inversion_guidance is not None else inversion,
             solver=s.solver,
             strategy=s.strategy,
             blocks=spec.expand(block_counts, main),

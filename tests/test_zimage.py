@@ -169,7 +169,8 @@ def test_variants_come_from_the_scheduler_config(pipes, editors):
     bare = FireFlowEditor(transformer=tiny_transformer())
     assert type(bare.adapter) is ZImageBaseAdapter and bare.adapter.scheduler_config["shift"] == 6.0
     a = editors["zimage"].adapter
-    assert a.defaults == {"guidance": 2.0, "blocks": "joint:all"} and a.generate_guidance == 5.0
+    assert a.defaults == {"guidance": 2.0, "inversion_guidance": 0.0, "blocks": "joint:all"}
+    assert a.generate_guidance == 5.0
     assert editors["zimage-turbo"].adapter.defaults["guidance"] == 0.0
     assert a.route == "context" and a.block_counts == {"joint": 2, "refiner": 1}
     assert editors["zimage"].resolve().blocks == (("joint", 0), ("joint", 1))
@@ -202,15 +203,16 @@ def test_defaults_counts_and_injection(editors):
     with Calls(ed.transformer) as calls:
         out = ed.edit_latents(latents(), return_dict=True, **_inputs())
     s = out.settings.to_dict()
-    assert s["guidance"] == 2.0 and s["inversion_guidance"] == 1.0  # 1 > 0: a guided inversion on Z-Image
+    # The family's unguided inversion is guidance 0 (CFG is on above 0 on Z-Image).
+    assert s["guidance"] == 2.0 and s["inversion_guidance"] == 0.0
     assert out.injections == [(0, "midpoint", ("joint", 0)), (0, "midpoint", ("joint", 1))]
-    # FireFlow: N + 1 = 9 evaluations a pass, each one batched forward of 2 rows under CFG
-    assert out.nfe == 18 and out.transformer_calls == 18 and out.transformer_rows == 36
-    assert len(calls.rows) == 18 and sum(calls.rows) == 36
-    with Calls(ed.transformer) as calls:
-        out = ed.edit_latents(latents(), return_dict=True, inversion_guidance=0.0, **_inputs())
+    # FireFlow: N + 1 = 9 evaluations a pass; the inversion one row a call, the edit 2 under CFG
     assert out.nfe == 18 and out.transformer_calls == 18 and out.transformer_rows == 9 + 18
     assert calls.rows == [1] * 9 + [2] * 9
+    with Calls(ed.transformer) as calls:
+        out = ed.edit_latents(latents(), return_dict=True, inversion_guidance=1.0, **_inputs())
+    assert out.nfe == 18 and out.transformer_calls == 18 and out.transformer_rows == 36  # a guided inversion
+    assert len(calls.rows) == 18 and sum(calls.rows) == 36
 
 
 @pytest.mark.parametrize("variant", ["zimage", "zimage-turbo"])
@@ -222,7 +224,7 @@ def test_inject_zero_equals_inversion_then_sampling(editors, variant):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Turbo's inversion warning
         edited = ed.edit_latents(latents(), inject=0, num_steps=4, **inputs)
-        noise = ed.invert_latents(latents(), num_steps=4, inversion_guidance=1.0, **src)
+        noise = ed.invert_latents(latents(), num_steps=4, **src)  # the family default, as the edit
     plain = ed.sample_latents(noise, num_steps=4, guidance=g, **tgt)
     torch.testing.assert_close(edited, plain, rtol=1e-6, atol=1e-6)
 
@@ -266,7 +268,9 @@ def test_turbo_warns_once_and_only_for_inversion(editors):
 def test_missing_negatives_under_cfg_is_a_clear_error(editors):
     e = _embeds(3)
     with pytest.raises(ValueError, match="guidance 1 > 0 is classifier-free guidance on Z-Image"):
-        editors["zimage"].invert_latents(latents(), num_steps=2, prompt_embeds=e["prompt_embeds"])
+        editors["zimage"].invert_latents(
+            latents(), num_steps=2, inversion_guidance=1.0, prompt_embeds=e["prompt_embeds"]
+        )
     with pytest.raises(ValueError, match="does not fit embeddings"):
         editors["zimage"].sample_latents(
             latents(), num_steps=2, guidance=0.0, prompt_embeds=e["prompt_embeds"], prompt_embeds_mask=torch.ones(1, 3)

@@ -37,10 +37,9 @@ Defaults, and why (nothing measured on real weights):
 * V replaced over the joint ``[image, caption]`` sequence in every joint block (``joint:all``):
   Z-Image is single-stream, like FLUX.1's single blocks where the paper replaces V, in the first
   step (``inject`` 1). The image-only ``noise_refiner`` blocks are an option (``refiner:all``).
-* inversion guidance: the settings table's 1, which ``ZImagePipeline``'s convention reads as CFG
-  ON (``2 pos - neg``, two rows a call): the unguided inversion FireFlow wants is
-  ``inversion_guidance=0`` here. Families cannot set that default (the table's 1 means "unguided"
-  only where CFG starts above 1); this is kept as the pipeline defines guidance, not reinterpreted.
+* inversion guidance 0: ``ZImagePipeline`` turns CFG on above 0 (``pos + g (pos - neg)``), so the
+  unguided inversion FireFlow wants (one row a call) is guidance 0 here, where the other families'
+  is 1; the family sets that default (guidance keeps the pipeline's meaning, not reinterpreted).
 """
 
 from __future__ import annotations
@@ -111,7 +110,7 @@ class ZImageAdapter(PipelineAdapter):
         "negative_prompt_embeds_mask",
     )
     guidance_kind: ClassVar[str] = "cfg"
-    DEFAULTS: ClassVar[dict[str, Any]] = {"guidance": 2.0, "blocks": "joint:all"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"guidance": 2.0, "inversion_guidance": 0.0, "blocks": "joint:all"}
     generate_guidance: ClassVar[float] = 5.0  # ZImagePipeline's default
     reference_scheduler: ClassVar[dict[str, Any]] = ZIMAGE_SCHEDULER
     #: A few-step model: an inversion on it warns once.
@@ -281,7 +280,7 @@ class ZImageTurboAdapter(ZImageAdapter):
     """Z-Image-Turbo: few-step distilled, guidance 0; an inversion warns once."""
 
     name: ClassVar[str] = "zimage-turbo"
-    DEFAULTS: ClassVar[dict[str, Any]] = {"guidance": 0.0, "blocks": "joint:all"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"guidance": 0.0, "inversion_guidance": 0.0, "blocks": "joint:all"}
     generate_guidance: ClassVar[float] = 0.0  # the Turbo model card samples with guidance 0
     reference_scheduler: ClassVar[dict[str, Any]] = ZIMAGE_TURBO_SCHEDULER
     few_step: ClassVar[bool] = True
