@@ -184,3 +184,14 @@ def test_video_outputs_are_checked_before_any_work(tiny_wan, clip, tmp_path, cap
         assert err.count("\n") == 1 and message in err, err
     assert main(["edit", clip, "-s", "a", "-t", "b", "-o", clip, "--model", tiny_wan]) == 2
     assert "is the same file as the input video" in capsys.readouterr().err
+
+
+def test_the_web_page_says_video_is_cli_only(tiny_wan, tmp_path):
+    pytest.importorskip("gradio")
+    from fireflow import FireFlowEditor
+    from fireflow.web.page import VIDEO_NOTE, build_app
+
+    editor = FireFlowEditor.from_pretrained(tiny_wan, device="cpu", torch_dtype="fp32")
+    app = build_app(editor, examples=[], workdir=tmp_path)
+    notes = [c for c in app.config["components"] if c.get("props", {}).get("elem_id") == "video-note"]
+    assert len(notes) == 1 and notes[0]["props"]["value"] == VIDEO_NOTE and "CLI-only" in VIDEO_NOTE
