@@ -71,8 +71,9 @@ def check_model_options(args: argparse.Namespace, needs_pipeline: bool = True) -
         require_pipeline(args.model, f"fireflow {args.command}")
 
 
-def _add_image_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="source image (any format Pillow reads)")
+def _add_image_options(p: argparse.ArgumentParser, video: bool = False) -> None:
+    what = "; or a video: mp4, webm, gif, or a folder of frames (README: Video)" if video else ""
+    p.add_argument("image", help=f"source image (any format Pillow reads){what}")
     p.add_argument("--resize", type=_size, default=None, help="resize to WIDTHxHEIGHT first (default: crop to /16)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS})")
 
@@ -133,7 +134,8 @@ def _report(what: str, out, paths: list[Path], image=None) -> None:
     print(f"{what}: {out.nfe} NFE, {out.seconds:.2f} s -> {', '.join(str(p) for p in paths)}")
 
 
-def cmd_edit(args: argparse.Namespace) -> None:
+def _check_edit_text(args: argparse.Namespace) -> EditSettings:
+    """Knobs, model and prompts, checked before any file is read."""
     settings = check_edit_options(args)
     check_model_options(args)
     for t in args.target:
@@ -143,7 +145,25 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise UsageError("source prompt is empty; describe the source image with -s")
     if args.paste_pixels and not args.mask:
         raise UsageError("--paste-pixels needs --mask: the pixels outside the mask are pasted")
-    out_path = _output(args.output, IMAGE_SUFFIXES)
+    return settings
+
+
+def _numbered(path: Path, n: int) -> list[Path]:
+    """One output per target: ``path`` itself, or NAME-0.ext, NAME-1.ext, ... (folders: NAME-0, ...)."""
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from fireflow.video import is_video_path
+
+    if is_video_path(args.image):
+        return cmd_edit_video(args)
+    if args.max_frames is not None:
+        raise UsageError(f"--max-frames is for a video input; {args.image!r} is an image")
+    settings = _check_edit_text(args)
+    out_path = _output(args.output or "edited.png", IMAGE_SUFFIXES)
     outs = (
         [out_path]
         if len(args.target) == 1
@@ -173,10 +193,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
         reconstruction=recon_path is not None,
         progress=not args.quiet,
     )
-    for img, path in zip(out.images, outs, strict=True):
+    results = out.images or [v[0] for v in out.videos]  # a video family edits a still as one frame
+    for img, path in zip(results, outs, strict=True):
         save_image_atomic(img, path)
     if recon_path is not None:
-        save_image_atomic(out.reconstruction, recon_path)
+        rec = out.reconstruction
+        save_image_atomic(rec[0] if isinstance(rec, list) else rec, recon_path)
         outs.append(recon_path)
     masked = ", masked" if args.mask else ""
     _report(
@@ -185,6 +207,117 @@ def cmd_edit(args: argparse.Namespace) -> None:
         out,
         outs,
         image,
+    )
+
+
+def _video_output(path: str, flag: str = "-o") -> Path:
+    """An mp4 or gif file, or a folder for PNG frames (no suffix), checked before any work."""
+    from fireflow.video import WRITE_SUFFIXES, output_kind
+
+    kind = output_kind(path)
+    if kind is None:
+        raise UsageError(
+            f"{flag} {path!r}: a video is written as {', '.join(WRITE_SUFFIXES)}, or as PNG frames in a folder "
+            "(a path with no suffix)"
+        )
+    if kind != "folder":
+        return _output(path, WRITE_SUFFIXES, flag)
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{flag} {path!r} exists and is not an empty folder; give a new folder for the frames")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: {str(parent)!r} is not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable")
+    return out
+
+
+def _plan(editor, s, frames: int, size: tuple[int, int], fps: float, reconstruction: bool) -> str:
+    """The line said before a video edit: frames, and the model calls it will make."""
+    from fireflow.solvers import nfe
+
+    per_pass = nfe(s.solver, s.num_steps)
+    cfg = editor.adapter.guidance_kind == "cfg"
+    passes = [("inversion", s.inversion_guidance), ("editing", s.guidance)]
+    if reconstruction:
+        passes.append(("reconstruction", s.inversion_guidance))
+    calls = sum(per_pass * (2 if cfg and g > 1 else 1) for _, g in passes)
+    evals = " + ".join(f"{name} {per_pass}" for name, _ in passes)
+    w, h = size
+    return (
+        f"video: {frames} frames of {w}x{h} at {fps:g} fps; {len(passes) * per_pass} velocity evaluations "
+        f"({evals}), {calls} model calls"
+    )
+
+
+def cmd_edit_video(args: argparse.Namespace) -> None:
+    """``fireflow edit clip.mp4 ...``: read the clip (sized before decoding), edit it on a video
+    family, write each result at the input's frame rate."""
+    from fireflow.video import is_video_path, read_video, write_video
+
+    settings = _check_edit_text(args)
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError(f"--max-frames must be at least 1, got {args.max_frames}")
+    outs = _numbered(_video_output(args.output or "edited.mp4"), len(args.target))
+    recon_path = None
+    if args.save_reconstruction:
+        recon_path = _video_output(args.save_reconstruction, "--save-reconstruction")
+    named = [("-o", p) for p in outs] + ([("--save-reconstruction", recon_path)] if recon_path else [])
+    _distinct([("the input video", Path(args.image))] + ([("--mask", Path(args.mask))] if args.mask else []) + named)
+    for p in outs if len(outs) > 1 else []:  # NAME-0, NAME-1, ...: each folder must be new or empty
+        _video_output(str(p) + (os.sep if not p.suffix else ""))
+    frames, fps = read_video(args.image, max_frames=args.max_frames, max_pixels=args.max_pixels)
+    mask = None
+    if args.mask:
+        from fireflow.masks import load_mask
+
+        if is_video_path(args.mask):  # one mask per frame
+            mask = read_video(args.mask, max_frames=len(frames), max_pixels=args.max_pixels, name="the mask video")[0]
+            if len(mask) != len(frames):
+                raise UsageError(f"the mask video has {len(mask)} frames, the clip {len(frames)}; give one per frame")
+        else:  # one still mask for every frame
+            mask = args.mask
+        for m in mask if isinstance(mask, list) else [mask]:
+            load_mask(m, frames[0].size)  # a bad mask fails before the model loads
+    editor = load_editor(args)
+    a = editor.adapter
+    if not a.video:
+        raise UsageError(f"{a.name} edits images; a video needs a video family (Wan; README: Video)")
+    n = a.prepare_frames(len(frames))  # Wan: 4k + 1 frames, else refused naming the counts it takes
+    if n < len(frames):
+        print(f"note: {a.name} edits the first {n} of the {len(frames)} frames")
+        frames = frames[:n]
+        mask = mask[:n] if isinstance(mask, list) else mask
+    resolved = editor.resolve(settings)  # once: blocks against this model, before any work
+    size = a.prepare_image(frames[0], args.resize).size
+    print(_plan(editor, resolved, n, size, fps, recon_path is not None), flush=True)
+    out = editor.edit(
+        frames,
+        args.source,
+        args.target,
+        resolved,
+        resize=args.resize,
+        max_pixels=args.max_pixels,
+        mask=mask,
+        paste_pixels=args.paste_pixels,
+        reconstruction=recon_path is not None,
+        progress=not args.quiet,
+    )
+    for clip, path in zip(out.videos, outs, strict=True):
+        write_video(clip, path, fps)
+    if recon_path is not None:
+        write_video(out.reconstruction, recon_path, fps)
+        outs.append(recon_path)
+    if size != frames[0].size:
+        (w, h), (sw, sh) = frames[0].size, size
+        print(f"note: the {w}x{h} frames were cropped or resized to {sw}x{sh}, a size this model takes")
+    masked = ", masked" if args.mask else ""
+    _report(
+        f"edit video ({out.settings.solver}, {out.settings.num_steps} steps, {len(out.videos[0])} frames, "
+        f"{out.transformer_calls} model calls, {len(out.injections)} block calls injected{masked})",
+        out,
+        outs,
     )
 
 
@@ -252,11 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflow", description="FireFlow image editing with rectified flows")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt")
-    _add_image_options(p)
+    p = sub.add_parser("edit", help="edit an image or a video from a source prompt to a target prompt")
+    _add_image_options(p, video=True)
+    p.add_argument(
+        "--max-frames", type=int, default=None, metavar="N", help="video: keep the first N frames (Wan: 4k + 1)"
+    )
     p.add_argument("-s", "--source", required=True, help="prompt describing the source image")
     p.add_argument("-t", "--target", required=True, action="append", help="target prompt (repeat for several)")
-    p.add_argument("-o", "--output", default="edited.png", help="output image (several targets: NAME-0.png, ...)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output image (default edited.png), or for a video .mp4, .gif or a folder for PNG frames "
+        "(default edited.mp4); several targets: NAME-0.png, ...",
+    )
     p.add_argument("--save-reconstruction", metavar="PATH", help="also save the source prompt's reconstruction")
     p.add_argument("--mask", metavar="FILE", help="edit only where this image is white (any size); keep the rest")
     p.add_argument(

@@ -56,8 +56,15 @@ MAX_FRAMES = 1024
 
 
 def load_frames(media, max_pixels: int | None = MAX_PIXELS) -> list[Image.Image]:
-    """One image, or a clip given as a sequence of frames (paths, PIL images or arrays), as a
-    list of RGB frames. ``max_pixels`` bounds each frame and frames x pixels together."""
+    """One image, or a clip given as a sequence of frames (paths, PIL images or arrays), or a video
+    path (mp4, webm, animated gif, ...; a folder of frames), as a list of RGB frames. ``max_pixels``
+    bounds each frame and frames x pixels together. A video is read by :func:`fireflow.video.read_video`
+    (all its frames; its frame rate is dropped here: call ``read_video`` to keep it)."""
+    if isinstance(media, (str, os.PathLike)):
+        from fireflow import video
+
+        if video.is_video_path(media):
+            return video.read_video(media, max_pixels=max_pixels)[0]
     if isinstance(media, (list, tuple)):
         if not media:
             raise ImageError("the clip has no frames; give at least one image")

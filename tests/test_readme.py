@@ -2,7 +2,7 @@
 
 Hub ids are served by tiny random folders of the same family, placed under those ids in a temporary
 Hugging Face cache (offline); ``"cuda"`` becomes ``"cpu"`` on a machine without CUDA. Each block runs
-in its own interpreter, in a folder holding the ``photo.jpg`` and ``cat_region.png`` it names.
+in its own interpreter, in a folder holding the ``photo.jpg``, ``cat_region.png`` and ``clip.mp4`` it names.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HUB_IDS = {
     "black-forest-labs/FLUX.1-dev": "flux",
     "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1",
 }
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
@@ -55,6 +56,12 @@ def workdir(tmp_path_factory) -> Path:
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4 : h // 2, w // 4 : w // 2] = 255
     Image.fromarray(mask).save(d / "cat_region.png")
+    from fireflow.video import write_video  # the README's Video block: a 9-frame clip (Wan: 4k + 1)
+
+    rng = np.random.default_rng(0)
+    write_video(
+        [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(9)], d / "clip.mp4", 8
+    )
     return d
 
 

@@ -18,6 +18,14 @@ if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
 
     from fireflow.editor import FireFlowEditor
 
+#: Shown on every page: why the page takes images only (issue 22, item 5).
+VIDEO_NOTE = (
+    "*Video is CLI-only:* `fireflow edit clip.mp4 -s ... -t ... -o out.mp4 --model <a Wan folder>` "
+    "(README: Video). An 81-frame 480p Wan edit is minutes of GPU time and gigabytes of stored features; "
+    "the page's queue runs one edit at a time (`--concurrency 1`), so one video would hold every visitor "
+    "for those minutes, and 81 frames are beyond the page's upload and preview."
+)
+
 #: Nearest-neighbour scaling: the demo model works at 32x32, and blurred pixels would hide what it did.
 CSS = """
 .fireflow-result .image-frame { width: 100%; height: 100%; }
@@ -86,6 +94,7 @@ def build_app(
             "([FireFlow](https://arxiv.org/abs/2412.07517), Deng et al., ICML 2025). "
             f"Model: `{editor.model_name}`." + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
         )
+        gr.Markdown(VIDEO_NOTE, elem_id="video-note")
         with gr.Row():
             with gr.Column(scale=2):
                 image = _image_input(gr)
