@@ -20,7 +20,9 @@ from fireflow.models.base import (
     crop_to_multiple,
     grid_mask,
     one_frame,
+    pack,
     still_mask,
+    unpack,
 )
 from fireflow.models.flux.processors import FluxFeatureProcessor, flux_layers
 
@@ -177,25 +179,6 @@ class FluxUnguidedAdapter(FluxAdapter):
     """FLUX.1 without a guidance input (FLUX.1-schnell, or a model trained without one)."""
 
     guidance_kind: ClassVar[str] = "none"
-
-
-def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]`` tokens, row-major, channels then patch offsets."""
-    b, c, h, w = latents.shape
-    if h % patch or w % patch:
-        raise ValueError(f"a {w}x{h} grid is not a multiple of the {patch}-cell patch")
-    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
-    """Inverse of :func:`pack` for a ``height`` x ``width`` latent (or pixel) grid."""
-    b, n, d = tokens.shape
-    hp, wp, c = height // patch, width // patch, d // (patch * patch)
-    if n != hp * wp:
-        raise ValueError(f"{n} tokens do not make a {width}x{height} grid of {patch}-cell patches")
-    x = tokens.reshape(b, hp, wp, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
 
 
 def grid_ids(rows: int, cols: int) -> torch.Tensor:

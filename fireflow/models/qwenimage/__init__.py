@@ -40,7 +40,9 @@ from fireflow.models.base import (
     crop_to_multiple,
     grid_mask,
     one_frame,
+    pack,
     still_mask,
+    unpack,
 )
 from fireflow.models.qwenimage.processors import QwenImageFeatureProcessor, qwenimage_layers
 
@@ -233,20 +235,3 @@ class QwenImageAdapter(PipelineAdapter):
         return comb * (torch.norm(positive, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
-def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/p)(w/p), C p p]`` tokens, as ``QwenImagePipeline._pack_latents``."""
-    b, c, h, w = latents.shape
-    if h % patch or w % patch:
-        raise ValueError(f"a {w}x{h} latent grid is not a multiple of the {patch}-cell patch")
-    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
-    """Inverse of :func:`pack` for an ``height`` x ``width`` latent grid: ``[B, C, h, w]``."""
-    b, n, d = tokens.shape
-    hp, wp, c = height // patch, width // patch, d // (patch * patch)
-    if n != hp * wp:
-        raise ValueError(f"{n} tokens do not make a {width}x{height} latent grid of {patch}-cell patches")
-    x = tokens.reshape(b, hp, wp, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
