@@ -126,3 +126,29 @@ def test_cli_mask_auto_and_save_mask(tmp_path, capsys):
     assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 255} and m.any()
     got, src_px = np.asarray(Image.open(out)), np.asarray(Image.open(image))
     assert np.array_equal(got[m == 0], src_px[m == 0])  # pixel space: kept latents are kept pixels
+
+
+def test_the_page_shows_the_found_mask(scenes, tmp_path):
+    from fireflow.web.handlers import make_edit_fn
+    from research.bundled import scenes as S
+
+    src = S.Scene(S.OBJECT_NAMES.index("red heart"), S.BACKGROUND_NAMES.index("white"), 0, 14, 13)
+    image = tmp_path / "in.png"
+    Image.fromarray(S.to_uint8(S.composite(src))).save(image)
+    page, _ = make_edit_fn(scenes, max_pixels=None, workdir=tmp_path)
+    knobs = [8, 1, 1.0, "fireflow", "replace_v", "default", 1.0, False]
+    target = src.replace(obj=S.OBJECT_NAMES.index("blue heart")).prompt
+    out = page(str(image), src.prompt, target, *knobs, None, None, False, True)
+    assert out[1] is not None and out[5].visible and out[5].value is not None
+    assert f"{18 + EXTRA_NFE} NFE" in out[3] and "masked" in out[3]
+    both = page(str(image), src.prompt, target, *knobs, None, str(image), False, True)
+    assert "Auto finds the mask itself" in both[3] and both[5].visible is False
+
+
+def test_mask_overlay_tints_the_mask():
+    from fireflow.web.handlers import mask_overlay
+
+    m = np.zeros((1, 4, 4), bool)
+    m[0, :2] = True
+    img = np.asarray(mask_overlay(Image.new("RGB", (4, 4), (0, 0, 255)), m))
+    assert img.shape == (4, 4, 3) and img[0, 0, 0] > img[3, 3, 0] and img[3, 3, 2] < 255
