@@ -172,10 +172,18 @@ def cmd_edit(args: argparse.Namespace) -> None:
     recon_path = None
     if args.save_reconstruction:
         recon_path = _output(args.save_reconstruction, IMAGE_SUFFIXES, "--save-reconstruction")
+    auto = args.mask == "auto"  # the literal word: the mask is found from the model (fireflow.automask)
+    mask_path = None
+    if args.save_mask:
+        if not args.mask:
+            raise UsageError("--save-mask needs --mask (auto, or a file): it writes the mask the edit used")
+        mask_path = _output(args.save_mask, (".png",), "--save-mask")
     named = [("-o", p) for p in outs] + ([("--save-reconstruction", recon_path)] if recon_path else [])
-    _distinct([("the input image", Path(args.image))] + ([("--mask", Path(args.mask))] if args.mask else []) + named)
+    named += [("--save-mask", mask_path)] if mask_path else []
+    given_mask = [("--mask", Path(args.mask))] if args.mask and not auto else []
+    _distinct([("the input image", Path(args.image))] + given_mask + named)
     image = load_image(args.image, args.max_pixels)  # fail on a bad image before loading a model
-    if args.mask:
+    if args.mask and not auto:
         from fireflow.masks import load_mask
 
         load_mask(args.mask, image.size)  # a bad mask fails before the model loads, too
@@ -200,7 +208,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
         rec = out.reconstruction
         save_image_atomic(rec[0] if isinstance(rec, list) else rec, recon_path)
         outs.append(recon_path)
-    masked = ", masked" if args.mask else ""
+    if mask_path is not None:  # at the model's size, white = edited (every frame's, for a clip)
+        from PIL import Image
+
+        save_image_atomic(Image.fromarray(out.mask.any(axis=0).astype("uint8") * 255), mask_path)
+        outs.append(mask_path)
+    masked = (f", auto mask {100 * out.mask.mean():.0f}% of the image" if auto else ", masked") if args.mask else ""
     _report(
         f"edit ({out.settings.solver}, {out.settings.num_steps} steps, "
         f"{len(out.injections)} block calls injected{masked})",
@@ -400,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default edited.mp4); several targets: NAME-0.png, ...",
     )
     p.add_argument("--save-reconstruction", metavar="PATH", help="also save the source prompt's reconstruction")
-    p.add_argument("--mask", metavar="FILE", help="edit only where this image is white (any size); keep the rest")
+    p.add_argument(
+        "--mask",
+        metavar="FILE|auto",
+        help="edit only where this image is white (any size); keep the rest. 'auto': find the region from "
+        "the model (the prompts' velocity difference; 4 more model calls; --mask-threshold, --mask-dilation)",
+    )
+    p.add_argument("--save-mask", metavar="PATH", help="with --mask: save the mask used (PNG, the model's size)")
     p.add_argument(
         "--paste-pixels", action="store_true", help="with --mask: paste the source pixels outside it after decoding"
     )

@@ -82,7 +82,9 @@ class FireFlowOutput(_Media, _Run):
     reconstruction_latents: torch.Tensor | None = None
     #: (denoising step, call kind, block) of every feature injection made, in order.
     injections: list[tuple[int, str, tuple[str, int]]] = field(default_factory=list)
-    mask: np.ndarray | None = None  # the edit mask at the model's size ([F, H, W], True = edited)
+    #: The edit mask at the model's size ([F, H, W], True = edited); mask="auto": the found one
+    #: ([1, H, W]; with several targets, the union of theirs).
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -470,7 +472,7 @@ class FireFlowEditor:
         target_prompt: str | Sequence[str],
         settings: EditSettings | ResolvedSettings | None = None,
         *,
-        mask: MaskInput | Sequence[MaskInput] | None = None,
+        mask: MaskInput | Sequence[MaskInput] | str | None = None,
         paste_pixels: bool = False,
         reconstruction: bool = False,
         resize: tuple[int, int] | None = None,
@@ -489,7 +491,9 @@ class FireFlowEditor:
             :mod:`fireflow.settings`; every default comes from its table or the family).
         mask: the region to edit (white / True), a path, PIL image or array of any size (video: one
             still mask, or one per frame); outside it the result keeps the source latents exactly,
-            at no extra model calls.
+            at no extra model calls. ``"auto"``: the region is found from the model
+            (:mod:`fireflow.automask`; knobs ``mask_threshold``, ``mask_dilation``), at
+            ``2 x len(fireflow.automask.TIMES)`` extra velocity evaluations, counted in ``nfe``.
         paste_pixels: with a mask, also paste the source pixels outside it after decoding (a
             feathered edge inside the mask), so the background is the source's to the bit.
         reconstruction: also sample the inverted noise back with the source prompt (N + 1 NFE).
@@ -504,10 +508,28 @@ class FireFlowEditor:
         start = time.perf_counter()
         frames, latents, g, original = self._prepare(image, resize, max_pixels)
         pixel_mask = latent_mask = None
-        if mask is not None:  # drawn over the input: cropped, padded and resized as the image was
+        auto = isinstance(mask, str) and mask == "auto"
+        if mask is not None and not auto:  # drawn over the input: cropped, padded and resized as the image was
             pixel_mask = self._prepare_mask(mask, original, resize, g)
             latent_mask = self.adapter.latent_mask(pixel_mask, g).to(latents.device)
         embeds = self._encode_prompts([source_prompt, *targets])
+        found = None
+        if auto:  # the mask from the model: fireflow.automask
+            from fireflow import automask
+
+            source_embeds = {k: v[:1] for k, v in embeds.items()}
+            target_embeds = {k: v[1:] for k, v in embeds.items()}
+            found = automask.find(
+                self.adapter,
+                latents,
+                g,
+                source_embeds,
+                target_embeds,
+                threshold=s.mask_threshold,
+                dilation=s.mask_dilation,
+                guidance=s.inversion_guidance,
+            )
+            pixel_mask, latent_mask = found.union, found.latent  # one mask per target; the union shown
         out = self._edit(
             latents,
             g,
@@ -519,6 +541,10 @@ class FireFlowEditor:
             progress=progress,
             callback=callback,
         )
+        if found is not None:
+            out.nfe += found.nfe
+            out.transformer_calls += found.transformer_calls
+            out.transformer_rows += found.transformer_rows
         media = self._decode(out.latents, g)
         if paste_pixels:
             if "videos" in media:

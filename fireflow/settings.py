@@ -35,6 +35,8 @@ PAGE_MAX_STEPS = 100
 #: Guidance values accepted, distilled or CFG: well past any published setting.
 GUIDANCE_RANGE = (0.0, 100.0)
 RATIO_RANGE = (0.0, 10.0)
+#: Dilation of automatic masks accepted, in latent cells.
+MAX_MASK_DILATION = 64
 
 
 class SettingError(ValueError):
@@ -100,6 +102,14 @@ KNOBS: dict[str, Knob] = {
             None,
             "where stored features live: cpu, cuda, cuda:N (default: the model's device)",
         ),
+        Knob(
+            "mask_threshold",
+            "--mask-threshold",
+            "Auto-mask threshold",
+            0.2,
+            "mask=auto: cells whose velocity difference reaches this share of its top are edited, 0..1 (0.2)",
+        ),
+        Knob("mask_dilation", "--mask-dilation", "Auto-mask dilation", 1, "mask=auto: grow it by this many cells (1)"),
     )
 }
 
@@ -240,6 +250,8 @@ class EditSettings:
     blocks: Any = "default"
     ratios: tuple[float, float, float] = (1.0, 1.0, 1.0)
     feature_device: str | None = None
+    mask_threshold: float = 0.2
+    mask_dilation: int = 1
     #: Set on the copy :meth:`check` returns: validated and normalised, nothing left to check.
     checked: bool = field(default=False, compare=False, repr=False)
 
@@ -282,6 +294,8 @@ class EditSettings:
             raise SettingError("ratios", f"{{name}} must be three numbers (Q, K, V), got {ratios!r}")
         ratios = tuple(_number("ratios", r, *RATIO_RANGE) for r in ratios)
         blocks = BlockSpec.parse(self.blocks)
+        mask_threshold = _number("mask_threshold", self.mask_threshold, 0.0, 1.0)
+        mask_dilation = _integer("mask_dilation", self.mask_dilation, 0, MAX_MASK_DILATION)
         return dataclasses.replace(
             self,
             num_steps=num_steps,
@@ -292,6 +306,8 @@ class EditSettings:
             ratios=ratios,
             blocks=blocks,
             feature_device=check_device_name("feature_device", self.feature_device),
+            mask_threshold=mask_threshold,
+            mask_dilation=mask_dilation,
             checked=True,
         )
 
@@ -320,6 +336,8 @@ class EditSettings:
             ratios=s.ratios,
             feature_device=s.feature_device,
             ops=tuple(parse_strategy(s.strategy).items()),
+            mask_threshold=s.mask_threshold,
+            mask_dilation=s.mask_dilation,
         )
 
     def as_kwargs(self) -> dict[str, Any]:
@@ -348,6 +366,9 @@ class ResolvedSettings:
     feature_device: str | None
     #: The strategy parsed: ``(("v", "replace"), ...)``, one operation per tensor.
     ops: tuple[tuple[str, str], ...] = (("v", "replace"),)
+    #: ``mask="auto"``: the share of the top velocity difference a cell must reach, and the dilation in cells.
+    mask_threshold: float = 0.2
+    mask_dilation: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The knobs as plain JSON values (what the front ends write)."""
@@ -385,6 +406,8 @@ _ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "guidance": float,
     "inversion_guidance": float,
     "ratios": _ratios_arg,
+    "mask_threshold": float,
+    "mask_dilation": int,
 }
 
 

@@ -65,6 +65,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         mask_paint: Any = None,
         mask_file: str | None = None,
         paste: bool = False,
+        auto: bool = False,
     ) -> tuple:
         pil = source_image(image, max_pixels)
         source, target = check_prompts(source, target)
@@ -79,6 +80,10 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             blocks=blocks,
         )
         mask = page_mask(mask_paint, mask_file, max_pixels)
+        if auto and mask is not None:
+            raise EditError("Auto finds the mask itself: clear the painted or uploaded mask, or untick Auto.")
+        if auto:
+            mask = "auto"
         if paste and mask is None:
             raise EditError("Paste the source pixels needs a mask: paint the region to edit or upload a mask.")
         try:
@@ -103,6 +108,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=out.reconstruction, visible=out.reconstruction is not None),
             result_line(out, target, mask is not None, paste),
             gr.DownloadButton(value=str(path), interactive=True),
+            gr.Image(value=mask_overlay(out.source, out.mask) if auto else None, visible=bool(auto)),
         )
 
     def page(*inputs: Any) -> tuple:
@@ -119,6 +125,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=None, visible=False),
             error_html(message),
             gr.DownloadButton(value=None, interactive=False),
+            gr.Image(value=None, visible=False),
         )
 
     def api(*inputs: Any) -> tuple:
@@ -165,6 +172,16 @@ def result_line(out: Any, target: str, masked: bool, paste: bool) -> str:
     if masked:
         text += f" · masked: {int(out.mask.mean() * 100)}% of the image edited" + (" (pixels pasted)" if paste else "")
     return text
+
+
+def mask_overlay(source: Any, mask: np.ndarray) -> Any:
+    """The source with the (found) mask tinted red over it: what the edit was allowed to change."""
+    from PIL import Image
+
+    px = np.asarray(source.convert("RGB"), dtype=np.float32)
+    m = np.asarray(mask).any(axis=0)[..., None] if np.asarray(mask).ndim == 3 else np.asarray(mask)[..., None]
+    tinted = np.where(m, 0.5 * px + 0.5 * np.array([255.0, 0.0, 0.0]), 0.6 * px)
+    return Image.fromarray(np.clip(tinted + 0.5, 0, 255).astype(np.uint8))
 
 
 def mask_background(path: Any, max_pixels: int | None) -> dict | None:

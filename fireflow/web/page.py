@@ -121,6 +121,11 @@ def build_app(
                     paste = gr.Checkbox(
                         False, label="Paste the source pixels outside the mask (exact background)", elem_id="paste"
                     )
+                    auto = gr.Checkbox(
+                        False,
+                        label="Auto: find the region from the prompts (no painting; 4 more model calls)",
+                        elem_id="mask-auto",
+                    )
                 source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
                 target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
                 with gr.Row():
@@ -141,6 +146,7 @@ def build_app(
                     out_source = _result_image(gr, "Source (as the model saw it)", "out-source")
                     out_edit = _result_image(gr, "Edit", "out-edit")
                     out_recon = _result_image(gr, "Reconstruction", "out-recon", visible=False)
+                    out_mask = _result_image(gr, "Auto mask (red: edited)", "out-mask", visible=False)
                 info = gr.HTML(elem_id="edit-info")
                 download = gr.DownloadButton("Download edit (PNG)", interactive=False, elem_id="download")
                 gallery = None
@@ -154,8 +160,8 @@ def build_app(
         # The painter shows the uploaded source underneath the strokes.
         image.change(lambda path: mask_background(path, max_pixels), image, mask_paint, api_visibility="private")
         inputs = [image, source, target, steps, inject, guidance, solver, strategy, blocks, inversion_guidance, recon]
-        inputs += [mask_paint, mask_file, paste]
-        outputs = [out_source, out_edit, out_recon, info, download]
+        inputs += [mask_paint, mask_file, paste, auto]
+        outputs = [out_source, out_edit, out_recon, info, download, out_mask]
         # One concurrency_id: the button, Enter, the gallery and the API share one bounded pool of workers.
         # The page's events report bad input in the page; the API endpoint, on a button never shown,
         # raises it as an error event for API clients.
