@@ -554,6 +554,7 @@ def run_batch(
             "nfe": None,
             "transformer_calls": None,
             "group": None,
+            "model": model,
             "rank": rank,
             "world_size": world,
             "run_id": run_id,

@@ -275,3 +275,16 @@ def test_cli_bad_command_input_is_exit_2_and_python_m_works(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "--steps" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_eval_pie_reads_a_batch_run_of_a_pie_manifest(tmp_path, scenes_editor):
+    from fireflow.bench import pie
+    from fireflow.bench.synthetic import make_synthetic_pie
+
+    data = make_synthetic_pie(tmp_path / "pie", per_type=1, size=32, types=["0", "6"])
+    manifest = pie.write_manifest(data, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    assert B.run_batch(manifest, out, scenes_editor, **RUN).edited == 2
+    summary = pie.evaluate_pie(data, out, None, pie.MetricModels(), progress=False)
+    assert summary["overall"]["n"] == 2 and summary["nfe"] == 18 and summary["model"] == "scenes"
+    assert (out / "eval_summary.json").is_file() and not summary["masked"]
