@@ -478,6 +478,7 @@ def _barrier(world: int) -> bool:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     dist.barrier()
+    dist.destroy_process_group()
     return True
 
 
