@@ -18,7 +18,7 @@ from fireflow.image import MAX_PIXELS, ImageError, load_image, save_image_atomic
 from fireflow.settings import EditSettings, SettingError
 
 #: Front ends living in other modules; each has ``add_parser(subparsers)`` registering ``func``.
-EXTRA_COMMANDS = ("fireflow.bench.cli", "fireflow.web")
+EXTRA_COMMANDS = ("fireflow.batch", "fireflow.bench.cli", "fireflow.web")
 
 
 class UsageError(ValueError):

@@ -241,9 +241,7 @@ def quiet_unused_kwarg_warning(logger_name: str) -> None:
     """Drop diffusers' "kwargs ['fireflow'] are not expected by <processor>" warning during
     fireflow's calls: an edit that selects some blocks passes its store to every layer, and the
     others rightly ignore it."""
-    quiet_in_calls(
-        logger_name, "unused-kwarg", lambda r: f"['{ATTENTION_KWARG}'] are not expected" in r.getMessage()
-    )
+    quiet_in_calls(logger_name, "unused-kwarg", lambda r: f"['{ATTENTION_KWARG}'] are not expected" in r.getMessage())
 
 
 #: Builds the family's processor for one attention layer, given the block id and the layer's

@@ -62,7 +62,18 @@ def test_wheel_holds_weights_model_cards_and_the_demo_set(wheel_names):
         for f in ("README.md", "config.json", "diffusion_pytorch_model.safetensors"):
             assert f"fireflow/models/demo/{model}/{f}" in names
     assert "fireflow/bench/scenes_pie/mapping_file.json" in names
+    assert "fireflow/bench/scenes_pie/manifest.jsonl" in names  # `fireflow batch scenes`
     images = [n for n in names if n.startswith("fireflow/bench/scenes_pie/annotation_images/") and n.endswith(".png")]
     assert len(images) == 140
-    for module in ("cli", "web/server", "web/page", "bench/pie", "bench/reconstruct", "bench/speed", "metrics"):
+    for module in (
+        "cli",
+        "batch",
+        "bench/batch_speed",
+        "web/server",
+        "web/page",
+        "bench/pie",
+        "bench/reconstruct",
+        "bench/speed",
+        "metrics",
+    ):
         assert f"fireflow/{module}.py" in names

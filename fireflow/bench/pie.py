@@ -153,6 +153,28 @@ def load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def manifest_rows(data: Path, types: set[str] | None = None) -> list[dict[str, Any]]:
+    """PIE-Bench's mapping file as ``fireflow batch`` manifest lines (mask-free edits): ids kept,
+    prompts without brackets, outputs laid out as ``eval pie`` reads them (``annotation_images/``)."""
+    data = Path(data)
+    return [
+        {
+            "id": it.key,
+            "image": str((data / IMAGES_DIR / it.image_path).resolve()),
+            "source": it.source_prompt,
+            "target": it.target_prompt,
+            "output": f"{IMAGES_DIR}/{it.image_path}",
+        }
+        for it in load_pie(data, types)
+    ]
+
+
+def write_manifest(data: Path, path: Path, types: set[str] | None = None) -> Path:
+    """:func:`manifest_rows` written as JSONL (atomic)."""
+    _io.write_text(path, "".join(json.dumps(r) + "\n" for r in manifest_rows(data, types)))
+    return Path(path)
+
+
 # ---- bench pie -----------------------------------------------------------------------------------
 
 
@@ -476,9 +498,15 @@ def evaluate_pie(
     metrics = [m for m in COLUMNS if m in rows[0]]
     summary = summarize(rows, metrics)
     records = edits / MERGED
-    if records.is_file():
+    batch_results = edits / "results.jsonl"  # a `fireflow batch` run of a PIE-format manifest
+    if records.is_file() or batch_results.is_file():
         ids = {it.key for it in items}
-        recs = [r for r in map(json.loads, records.read_text().splitlines()) if r["id"] in ids]
+        if records.is_file():
+            recs = [r for r in map(json.loads, records.read_text().splitlines()) if r["id"] in ids]
+        else:
+            from fireflow.batch import read_results
+
+            recs = [r for r in read_results(edits, sorted(ids)) if r.get("status") == "ok"]
         if recs:
             summary["model"], summary["settings"] = recs[0].get("model"), recs[0].get("settings")
             summary["nfe"] = float(np.mean([r["nfe"] for r in recs]))
