@@ -112,7 +112,7 @@ class Line:
 
 def _csv_value(name: str, text: str) -> Any:
     """A CSV cell as the JSON value it stands for (knobs by their CLI types; lists as JSON)."""
-    from fireflow.settings import _ARG_TYPES
+    from fireflow.settings import KNOBS, parse_knob
 
     text = text.strip()
     if text.startswith("[") and name in ("target", "output", "ratios", "blocks"):
@@ -122,13 +122,7 @@ def _csv_value(name: str, text: str) -> Any:
             pass
     if name == "paste_pixels":
         return text.lower() in ("1", "true", "yes", "y")
-    convert = _ARG_TYPES.get(name)
-    if convert is not None:
-        try:
-            return convert(text)
-        except (ValueError, argparse.ArgumentTypeError):
-            return text  # the knob check words the error
-    return text
+    return parse_knob(name, text) if name in KNOBS else text
 
 
 def read_rows(manifest: Path) -> list[tuple[int, dict[str, Any] | str]]:

@@ -411,6 +411,20 @@ _ARG_TYPES: dict[str, Callable[[str], Any]] = {
 }
 
 
+def parse_knob(name: str, text: str) -> Any:
+    """A knob's value from text, as its CLI flag parses it (manifest cells, form fields); text that
+    does not parse is returned as it is, so that :meth:`EditSettings.check` words the error."""
+    import argparse
+
+    convert = _ARG_TYPES.get(name)
+    if convert is None:
+        return text
+    try:
+        return convert(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        return text
+
+
 def add_arguments(parser, names: tuple[str, ...] = tuple(KNOBS), title: str = "editing (defaults: the paper's)"):
     """Add the flags of ``names`` to an argparse parser; values land under the API names."""
     g = parser.add_argument_group(title)
