@@ -93,7 +93,7 @@ class Line:
     image: Path | None = None
     source: str = ""
     targets: list[str] = field(default_factory=list)
-    mask: Path | None = None
+    mask: Path | Any | None = None  # a file, or (lines built in memory) a bool array [H, W]
     paste_pixels: bool = False
     outputs: list[str] = field(default_factory=list)
     settings: EditSettings | None = None
@@ -103,11 +103,22 @@ class Line:
     @property
     def hash(self) -> str:
         """What the line asks for, as written (a rerun refuses a done line whose hash changed)."""
-        text = json.dumps(self.raw, sort_keys=True, default=str)
+        text = json.dumps(self.raw, sort_keys=True, default=_json_key)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def group_key(self) -> tuple:
-        return (str(self.image), self.source, str(self.mask), self.paste_pixels, self.settings)
+        return (str(self.image), self.source, _json_key(self.mask), self.paste_pixels, self.settings)
+
+
+def _json_key(value: Any) -> str:
+    """A value as text for hashes and group keys: a path as itself, an array by its content."""
+    if hasattr(value, "shape") and hasattr(value, "tobytes"):
+        import numpy as np
+
+        arr = np.ascontiguousarray(value)
+        digest = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+        return f"array{list(arr.shape)}:{arr.dtype}:{digest}"
+    return str(value)
 
 
 def _csv_value(name: str, text: str) -> Any:
@@ -249,12 +260,15 @@ def _fill(line: Line, raw: dict[str, Any], base: EditSettings, root: Path, max_p
     if not isinstance(paste, bool):
         raise LineError(f"paste_pixels must be true or false, got {paste!r}")
     mask = raw.get("mask")
-    if mask not in (None, ""):
+    if mask is not None and not (isinstance(mask, str) and mask == ""):
         from fireflow.masks import load_mask
 
-        if not isinstance(mask, str):
+        if hasattr(mask, "shape"):  # a mask array (lines built in memory, e.g. PIE-Bench's decoded masks)
+            line.mask = mask
+        elif not isinstance(mask, str):
             raise LineError(f"mask must be a path, got {mask!r}")
-        line.mask = root / mask
+        else:
+            line.mask = root / mask
         try:
             load_mask(line.mask, size)
         except ValueError as e:
@@ -492,11 +506,25 @@ def run_batch(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     lines: list[Line] | None = None,
+    limit: int | None = None,
+    on_output: Callable[[Line, list[Any]], tuple[list[Any], dict[str, Any]]] | None = None,
+    on_result: Callable[[Line, dict[str, Any]], None] | None = None,
+    save: Callable[[Any, Path], None] | None = None,
+    run_info: dict[str, Any] | None = None,
+    desc: str = "batch",
 ) -> Summary:
     """Run a manifest into ``out``: see the module's docs. ``editor`` is a
     :class:`fireflow.FireFlowEditor`, or a function of no arguments returning one (called only
     after every line passed the model-free checks, and only when there is work). ``rank`` and
-    ``world`` default to the launcher's environment. Returns this process's :class:`Summary`."""
+    ``world`` default to the launcher's environment. Returns this process's :class:`Summary`.
+
+    Hooks for front ends built on this runner (``fireflow bench pie``): ``lines`` replaces the
+    manifest (built in memory: :func:`parse_line`; a line's mask may be an array); ``limit`` caps the
+    lines this call edits (this process's, in order); ``on_output(line, images)`` returns the images
+    to write for a line and extra fields for its result (e.g. resized to the source's size);
+    ``save(image, path)`` writes one output (default: :func:`fireflow.image.save_image_atomic`);
+    ``on_result(line, record)`` runs after a line's ok result is written (fsynced); ``run_info``
+    replaces what ``run.json`` records and compares (default: model, max_batch, settings)."""
     from fireflow.bench import _io
 
     t_start = time.perf_counter()
@@ -509,7 +537,9 @@ def run_batch(
     base = (settings or EditSettings()).check()
     if lines is None:
         lines = read_manifest(Path(manifest), base, max_pixels, paste_pixels)
-    run = {"model": model, "max_batch": max_batch, "settings": settings_json(base)}
+    run = run_info
+    if run is None:
+        run = {"model": model, "max_batch": max_batch, "settings": settings_json(base)}
     check_run_file(out, run)
     records = latest(out, _all_records(out))
     by_id = {ln.id: ln for ln in lines}
@@ -557,6 +587,8 @@ def run_batch(
         }
         rec.update(kw)
         shard.append(rec)
+        if on_result is not None and rec["status"] == "ok":
+            on_result(ln, rec)
 
     try:
         if rank == 0:  # bad lines are recorded once, by process 0 (unless recorded as they are)
@@ -570,9 +602,18 @@ def run_batch(
         todo = [(gi, [ln for ln in c if not _is_done(out, records.get(ln.id, {}))]) for gi, c in mine]
         todo = [(gi, c) for gi, c in todo if c]
         summary.skipped = summary.share - sum(len(c) for _, c in todo)
+        if limit is not None:  # the first `limit` lines still to do (a group may be cut)
+            left, cut = max(limit, 0), []
+            for gi, c in todo:
+                if left <= 0:
+                    break
+                cut.append((gi, c[:left]))
+                left -= len(cut[-1][1])
+            todo = cut
         if todo:
             ed = editor if hasattr(editor, "edit") else editor()
-            _edit_all(ed, todo, out, record, summary, strict, rank, world, progress, max_pixels, log)
+            hooks = _Hooks(on_output, save, desc)
+            _edit_all(ed, todo, out, record, summary, strict, rank, world, progress, max_pixels, log, hooks)
     finally:
         shard.close()
     waited = _barrier(world)
@@ -590,10 +631,24 @@ def _complete(out: Path, lines: list[Line]) -> bool:
     return all(ln.id in got for ln in lines)
 
 
-def _edit_all(editor, todo, out, record, summary, strict, rank, world, progress, max_pixels, log) -> None:
+@dataclass
+class _Hooks:
+    on_output: Callable[[Line, list[Any]], tuple[list[Any], dict[str, Any]]] | None = None
+    save: Callable[[Any, Path], None] | None = None
+    desc: str = "batch"
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _edit_all(editor, todo, out, record, summary, strict, rank, world, progress, max_pixels, log, hooks=None) -> None:
     from tqdm.auto import tqdm
 
     from fireflow.image import MAX_PIXELS, load_image, save_image_atomic
+
+    hooks = hooks or _Hooks()
+    save = hooks.save or save_image_atomic
 
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     # Model-dependent checks (blocks against this model's), for every line of this share, before any edit.
@@ -621,7 +676,7 @@ def _edit_all(editor, todo, out, record, summary, strict, rank, world, progress,
     bar = tqdm(
         total=summary.share,
         initial=summary.skipped + len(refused),
-        desc="batch",
+        desc=hooks.desc,
         unit="edit",
         disable=not progress or rank != 0,
     )
@@ -635,11 +690,14 @@ def _edit_all(editor, todo, out, record, summary, strict, rank, world, progress,
         images = list(res.images)
         if len(images) != len(targets):
             raise RuntimeError(f"the edit returned {len(images)} images for {len(targets)} targets")
-        k = 0
+        k, extras = 0, {}
         for ln in group:  # outputs first (atomic), then the line's result
-            for rel in ln.outputs:
-                save_image_atomic(images[k], out / rel)
-                k += 1
+            mine, extras[ln.id] = images[k : k + len(ln.outputs)], {}
+            k += len(ln.outputs)
+            if hooks.on_output is not None:
+                mine, extras[ln.id] = hooks.on_output(ln, mine)
+            for img, rel in zip(mine, ln.outputs, strict=True):
+                save(img, out / rel)
         for ln in group:
             record(
                 ln,
@@ -647,10 +705,11 @@ def _edit_all(editor, todo, out, record, summary, strict, rank, world, progress,
                 settings=res.settings.to_dict() if res.settings is not None else None,
                 seconds=round(float(res.seconds), 4),
                 nfe=int(res.nfe),
-                transformer_calls=int(res.transformer_calls),
+                transformer_calls=_count(getattr(res, "transformer_calls", None)),
                 group=f"g{gi:06d}",
                 group_lines=len(group),
                 group_targets=len(targets),
+                **extras[ln.id],
             )
         summary.calls += 1
         summary.edited += len(group)

@@ -24,10 +24,10 @@ import json
 import math
 import re
 import sys
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -153,14 +153,17 @@ def load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def manifest_rows(data: Path, types: set[str] | None = None) -> list[dict[str, Any]]:
+def manifest_rows(data: Path, types: set[str] | None = None, absolute: bool = True) -> list[dict[str, Any]]:
     """PIE-Bench's mapping file as ``fireflow batch`` manifest lines (mask-free edits): ids kept,
-    prompts without brackets, outputs laid out as ``eval pie`` reads them (``annotation_images/``)."""
+    prompts without brackets, outputs laid out as ``eval pie`` reads them (``annotation_images/``).
+    Image paths are absolute, or (``absolute=False``) relative to ``data``."""
     data = Path(data)
     return [
         {
             "id": it.key,
-            "image": str((data / IMAGES_DIR / it.image_path).resolve()),
+            "image": str((data / IMAGES_DIR / it.image_path).resolve())
+            if absolute
+            else f"{IMAGES_DIR}/{it.image_path}",
             "source": it.source_prompt,
             "target": it.target_prompt,
             "output": f"{IMAGES_DIR}/{it.image_path}",
@@ -213,6 +216,121 @@ def check_inputs(data: Path, out: Path, types: set[str] | None, run: dict[str, A
     return items
 
 
+class _EditFnEditor:
+    """An :data:`_editing.EditFn` (one image, one target) as the editor :func:`fireflow.batch.run_batch`
+    calls: the knobs live in the function, so settings pass through."""
+
+    def __init__(self, edit: _editing.EditFn):
+        self.fn = edit
+
+    def resolve(self, settings: Any) -> Any:
+        return settings
+
+    def edit(self, image, source, targets, settings=None, mask=None, paste_pixels=False) -> SimpleNamespace:
+        extra = {} if mask is None else {"mask": mask}  # paste_pixels: the function's own setting
+        outs = [self.fn(image, source, t, **extra) for t in targets]
+        return SimpleNamespace(
+            images=[o.image for o in outs],
+            settings=None,
+            nfe=sum(o.nfe for o in outs),
+            seconds=sum(o.seconds for o in outs),
+            transformer_calls=None,
+        )
+
+
+def pie_lines(data: Path, items: list[PieItem], use_mask: bool = False, paste_pixels: bool = False) -> list[Any]:
+    """The items as :func:`fireflow.batch.run_batch` lines, built in memory (:func:`manifest_rows`,
+    image paths relative to ``data``); with ``use_mask`` each carries its ground-truth mask, decoded
+    at its image's size."""
+    from fireflow import batch
+    from fireflow.settings import EditSettings
+
+    base = EditSettings().check()
+    keep = {it.key for it in items}
+    rows = [r for r in manifest_rows(data, None, absolute=False) if r["id"] in keep]
+    by_id = {it.key: it for it in items}
+    lines = []
+    for n, row in enumerate(rows, 1):
+        if use_mask:
+            from fireflow.metrics import decode_pie_mask
+
+            with Image.open(Path(data) / row["image"]) as im:
+                w, h = im.size
+            row["mask"] = decode_pie_mask(by_id[row["id"]].mask, (h, w)).astype(bool)
+            row["paste_pixels"] = bool(paste_pixels)
+        lines.append(batch.parse_line(n, row, base, Path(data), None))
+    return lines
+
+
+def _pie_record(it: PieItem, rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Today's ``records/<id>.json`` from the runner's result of the item."""
+    return {
+        "id": it.key,
+        "image_path": it.image_path,
+        "editing_type_id": it.type_id,
+        "source_prompt": it.source_prompt,
+        "target_prompt": it.target_prompt,
+        "model": rec.get("model"),
+        "settings": settings,
+        "nfe": rec.get("nfe"),
+        "seconds": rec.get("seconds"),
+        "size": rec.get("size"),
+        "model_size": rec.get("model_size"),
+        "rank": rec.get("rank"),
+        "world_size": rec.get("world_size"),
+        "run_id": rec.get("run_id"),
+    }
+
+
+def _adopt_records(out: Path, items: list[PieItem], lines: list[Any], rank: int) -> None:
+    """Images done by an earlier bench pie (a record, no runner result: runs before bench pie used the
+    runner) get a runner result, so that they are not edited again."""
+    from fireflow import batch
+
+    done = batch.latest(out, batch._all_records(out))
+    by_id = {ln.id: ln for ln in lines}
+    old = [
+        it
+        for it in items
+        if is_done(out, it) and not batch._is_done(out, done.get(it.key, {})) and by_id[it.key].error is None
+    ]
+    if not old:
+        return
+    shard = batch.Shard(batch.shard_path(out, rank))
+    try:
+        for it in old:
+            r = json.loads(record_path(out, it.key).read_text())
+            ln = by_id[it.key]
+            shard.append(
+                {
+                    "id": ln.id,
+                    "line": ln.line,
+                    "hash": ln.hash,
+                    "image": ln.raw.get("image"),
+                    "source": ln.source,
+                    "targets": ln.targets,
+                    "outputs": ln.outputs,
+                    "status": "ok",
+                    "error": None,
+                    "stage": None,
+                    "settings": None,
+                    "seconds": r.get("seconds"),
+                    "nfe": r.get("nfe"),
+                    "transformer_calls": None,
+                    "group": None,
+                    "model": r.get("model"),
+                    "rank": r.get("rank"),
+                    "world_size": r.get("world_size"),
+                    "run_id": r.get("run_id"),
+                    "size": r.get("size"),
+                    "model_size": r.get("model_size"),
+                    "finished": 0,
+                }
+            )
+    finally:
+        shard.close()
+
+
 def run_pie(
     data: Path,
     out: Path,
@@ -225,67 +343,71 @@ def run_pie(
     world: int = 1,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Edit this process's share of the images not yet done. ``limit`` caps the edits of this call.
-    Returns counts: ``share``, ``skipped`` (already done), ``edited``, ``merged`` (records in the
-    merged file, or 0 when other shares are still running)."""
+    """Edit this process's share of the images not yet done, through the ``fireflow batch`` runner
+    (:func:`fireflow.batch.run_batch`, one image a call), writing ``records/<id>.json`` per image and
+    ``records.jsonl`` once all are done. ``limit`` caps the edits of this call. Returns counts:
+    ``share``, ``skipped`` (already done), ``edited``, ``resized``, ``merged`` (records in the merged
+    file, or 0 when other shares are still running). A failed edit stops the run
+    (:class:`fireflow.batch.StrictStop`), recorded in ``results.jsonl``."""
+    from fireflow import batch
+
     data, out = Path(data), Path(out)
     run = {"model": model, "settings": settings}
     items = check_inputs(data, out, types, run)
-    if not (out / RUN_FILE).is_file():
-        _io.write_json(out / RUN_FILE, run)
-    share = items[rank::world]
-    pending = [it for it in share if not is_done(out, it)]
-    todo = pending if limit is None else pending[: max(limit, 0)]
-    run_id = uuid.uuid4().hex[:12]
-    bar = tqdm(
-        total=len(share),
-        initial=len(share) - len(pending),
-        desc=f"pie {rank}/{world}" if world > 1 else "pie",
-        position=rank,
-        disable=not progress,
-    )
+    by_id = {it.key: it for it in items}
+    lines = pie_lines(data, items, bool(settings.get("mask")), bool(settings.get("paste_pixels")))
+    bad = next((ln for ln in lines if ln.error), None)
+    if bad is not None:
+        raise BenchError(f"image {by_id[bad.id].image_path}: {bad.error}")
+    if (out / RUN_FILE).is_file():
+        _adopt_records(out, items, lines, rank)
     resized = 0
-    for it in todo:
-        source = load_rgb(data / IMAGES_DIR / it.image_path)
-        extra = {}
-        if settings.get("mask"):  # the ground-truth edit region, at the image's own size
-            from fireflow.metrics import decode_pie_mask
 
-            extra["mask"] = decode_pie_mask(it.mask, (source.height, source.width)).astype(bool)
-        result = edit(source, it.source_prompt, it.target_prompt, **extra)
-        image = result.image
-        if image.size != source.size:
-            # The model works at another size (the demo model at 32x32; FLUX crops to a multiple of 16):
-            # PIE-Bench scores an edit against its source pixel for pixel, so it is brought back to the
-            # source's size, and the record keeps the size the model made.
-            image = image.resize(source.size, Image.Resampling.LANCZOS)
+    def on_output(ln, images):
+        # The model works at another size (the demo model at 32x32; FLUX crops to a multiple of 16):
+        # PIE-Bench scores an edit against its source pixel for pixel, so it is brought back to the
+        # source's size, and the record keeps the size the model made.
+        nonlocal resized
+        with Image.open(ln.image) as im:
+            size = im.size
+        made = images[0].size
+        if made != size:
+            images = [im.resize(size, Image.Resampling.LANCZOS) for im in images]
             resized += 1
-        _io.save_image(image, out / IMAGES_DIR / it.image_path)
-        record = {
-            "id": it.key,
-            "image_path": it.image_path,
-            "editing_type_id": it.type_id,
-            "source_prompt": it.source_prompt,
-            "target_prompt": it.target_prompt,
-            "model": model,
-            "settings": settings,
-            "nfe": result.nfe,
-            "seconds": round(result.seconds, 4),
-            "size": list(image.size),
-            "model_size": list(result.image.size),
-            "rank": rank,
-            "world_size": world,
-            "run_id": run_id,
-        }
-        _io.write_json(record_path(out, it.key), record)
-        bar.update(1)
-    bar.close()
+        return images, {"size": list(size), "model_size": list(made)}
+
+    def on_result(ln, rec):
+        _io.write_json(record_path(out, ln.id), _pie_record(by_id[ln.id], rec, settings))
+
+    summary = batch.run_batch(
+        None,
+        out,
+        _EditFnEditor(edit),
+        model=model,
+        max_batch=1,  # one image a call: process r takes the images r, r + N, ... of the sorted ids
+        strict=True,
+        max_pixels=None,
+        rank=rank,
+        world=world,
+        progress=progress,
+        lines=lines,
+        limit=limit,
+        on_output=on_output,
+        on_result=on_result,
+        save=_io.save_image,
+        run_info=run,
+        desc=f"pie {rank}/{world}" if world > 1 else "pie",
+    )
+    # A record lost to a kill between the result and its record file is written from the result.
+    for rec in batch.read_results(out, list(by_id)):
+        if batch._is_done(out, rec) and not record_path(out, rec["id"]).is_file():
+            _io.write_json(record_path(out, rec["id"]), _pie_record(by_id[rec["id"]], rec, settings))
     all_done = all(is_done(out, it) for it in items)
     merged = merge_records(out) if all_done else 0
     return {
-        "share": len(share),
-        "skipped": len(share) - len(pending),
-        "edited": len(todo),
+        "share": summary.share,
+        "skipped": summary.skipped,
+        "edited": summary.edited,
         "resized": resized,
         "merged": merged,
     }
@@ -335,9 +457,24 @@ def bench_cli(args: argparse.Namespace) -> dict[str, int]:
     check_inputs(args.data, args.out, types, {"model": str(args.model), "settings": settings})  # before the model
     editor = _editing.load_editor(args, local)
     edit = _editing.edit_fn(editor, settings, args.feature_device)
-    counts = run_pie(
-        args.data, args.out, edit, settings, str(args.model), types, args.limit, rank, world, progress=not args.quiet
-    )
+    from fireflow.batch import StrictStop
+
+    try:
+        counts = run_pie(
+            args.data,
+            args.out,
+            edit,
+            settings,
+            str(args.model),
+            types,
+            args.limit,
+            rank,
+            world,
+            progress=not args.quiet,
+        )
+    except StrictStop as e:
+        print(f"fireflow bench pie: stopped at {e} (recorded in {args.out / 'results.jsonl'})", file=sys.stderr)
+        raise SystemExit(1) from None
     msg = f"[rank {rank}/{world}] edited {counts['edited']}, earlier {counts['skipped']} of {counts['share']}"
     if counts["resized"]:
         msg += f" ({counts['resized']} made at the model's own size, resized to their source's)"
