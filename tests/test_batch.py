@@ -288,3 +288,49 @@ def test_eval_pie_reads_a_batch_run_of_a_pie_manifest(tmp_path, scenes_editor):
     summary = pie.evaluate_pie(data, out, None, pie.MetricModels(), progress=False)
     assert summary["overall"]["n"] == 2 and summary["nfe"] == 18 and summary["model"] == "scenes"
     assert (out / "eval_summary.json").is_file() and not summary["masked"]
+
+
+def test_runner_hooks_limit_array_masks_and_output_steps(tmp_path):
+    """What front ends (bench pie) build on: lines made in memory with mask arrays, a limit, a
+    per-line output step whose fields join the result, and a callback after each result."""
+    from types import SimpleNamespace
+
+    from fireflow.settings import EditSettings
+
+    class Fake:
+        def __init__(self):
+            self.masks = []
+
+        def resolve(self, s):
+            return s
+
+        def edit(self, image, source, targets, s, mask=None, paste_pixels=False):
+            self.masks.append((None if mask is None else mask.shape, paste_pixels))
+            return SimpleNamespace(images=[image] * len(targets), settings=None, nfe=1, seconds=0.0)
+
+    names = _images(tmp_path / "img", 3)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    rows = [{"id": f"a{i}", "image": n, "source": "s", "target": "t"} for i, n in enumerate(names)]
+    rows[1].update(mask=mask, paste_pixels=True)
+    base = EditSettings().check()
+    lines = [B.parse_line(i, r, base, tmp_path, None) for i, r in enumerate(rows, 1)]
+    assert [ln.error for ln in lines] == [None] * 3 and lines[1].mask is mask
+    results, ed = [], Fake()
+
+    def on_output(ln, images):
+        return [im.resize((8, 8)) for im in images], {"made": list(images[0].size)}
+
+    kw = dict(lines=lines, on_output=on_output, on_result=lambda ln, r: results.append(r), max_batch=1, **RUN)
+    s = B.run_batch(None, tmp_path / "out", ed, limit=2, **kw)
+    assert s.edited == 2 and [r["id"] for r in results] == ["a0", "a1"] and results[0]["made"] == [32, 32]
+    assert ed.masks == [(None, False), ((32, 32), True)]
+    with Image.open(tmp_path / "out" / "images" / "a0.png") as im:
+        assert im.size == (8, 8)
+    s = B.run_batch(None, tmp_path / "out", ed, **kw)
+    assert s.skipped == 2 and s.edited == 1 and s.merged == 3
+    other = np.zeros_like(mask)
+    other[0:4, 0:4] = True  # another mask array: another line (its hash changes), refused when done
+    lines[1] = B.parse_line(2, {**rows[1], "mask": other}, base, tmp_path, None)
+    with pytest.raises(B.BatchError, match="changed in the manifest"):
+        B.run_batch(None, tmp_path / "out", ed, **kw)

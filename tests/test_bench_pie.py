@@ -395,3 +395,40 @@ def test_eval_compares_several_edit_folders(data, tmp_path, capsys):
     assert (tmp_path / "ev" / "blur" / "eval_summary.json").is_file()
     assert (tmp_path / "ev" / "same" / "eval_per_image.csv").is_file()
     assert (tmp_path / "ev" / "comparison.txt").read_text().strip() == table.strip()
+
+
+def test_runs_go_through_the_batch_runner_and_resume_older_runs(data, tmp_path):
+    """bench pie is the batch runner's front end: its results file is there too; a folder of an
+    older bench pie (records only) resumes without edits; a record lost to a kill after its
+    result is written back from the result."""
+    _run(data, tmp_path, types={"0", "1"})
+    results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in results] == [r["id"] for r in _records(tmp_path)]
+    assert all(r["status"] == "ok" and r["size"] == [64, 64] for r in results)
+    before = _records(tmp_path)
+    for f in tmp_path.glob("results*.jsonl"):
+        f.unlink()  # an older bench pie's folder
+    (tmp_path / pie.MERGED).unlink()
+    again = FakeEdit()
+    counts = _run(data, tmp_path, again, types={"0", "1"})
+    assert again.calls == [] and counts["skipped"] == 4 and counts["merged"] == 4
+    assert _records(tmp_path) == before
+    pie.record_path(tmp_path, before[0]["id"]).unlink()
+    (tmp_path / pie.MERGED).unlink()
+    assert _run(data, tmp_path, again, types={"0", "1"})["edited"] == 0 and again.calls == []
+    assert _records(tmp_path) == before
+
+
+def test_masked_run_passes_each_items_mask_at_its_size(data, tmp_path):
+    got = []
+
+    def edit(image, s, t, mask=None):
+        got.append((mask.shape, mask.dtype, round(float(mask.mean()), 3)))
+        return Outcome(image, 18, 0.0)
+
+    settings = {**SETTINGS, "mask": pie.MASK_LABEL, "paste_pixels": True}
+    pie.run_pie(data, tmp_path, edit, settings, "fake", {"3"}, progress=False)
+    items = pie.load_pie(data, {"3"})
+    assert got == [
+        ((64, 64), np.dtype(bool), round(float(M.decode_pie_mask(it.mask, 64).astype(bool).mean()), 3)) for it in items
+    ]

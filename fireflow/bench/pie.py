@@ -1,15 +1,18 @@
 """PIE-Bench: edit every image (``bench pie``) and score the edits (``eval pie``).
 
-``bench pie`` writes ``OUT/annotation_images/<image_path>`` (the data folder's layout) and one JSON
-record per image. It is resumable and shards across processes:
+``bench pie`` turns the mapping file into manifest lines (in memory) and runs them with the
+``fireflow batch`` runner (:func:`fireflow.batch.run_batch`, one image a call), which writes
+``OUT/annotation_images/<image_path>`` (the data folder's layout) and ``OUT/results.jsonl``; bench
+pie adds one JSON record per image. It is resumable and shards across processes:
 
-- an image is done when its record ``OUT/records/<id>.json`` exists; the image is written before
-  the record and both are atomic (temp file + rename), so a killed run loses nothing and a rerun
-  repeats nothing that was recorded;
+- an image is done when its result is ok and its image exists; the image is written before the
+  result, then the record ``OUT/records/<id>.json``, all atomic, so a killed run loses nothing and
+  a rerun repeats nothing that was done (a record lost to the kill is written from the result;
+  folders of older bench pie runs, records only, resume from their records);
 - under ``torchrun`` / ``accelerate launch`` process ``RANK`` of ``WORLD_SIZE`` takes the images
-  ``RANK, RANK + WORLD_SIZE, ...`` of the sorted id list: disjoint shares, no communication;
-- every process that finishes merges all records present into ``OUT/records.jsonl`` (sorted by id,
-  atomic), so the last one to finish leaves the complete file.
+  ``RANK, RANK + WORLD_SIZE, ...`` of the sorted id list: disjoint shares;
+- a process that finishes with every image done merges all records into ``OUT/records.jsonl``
+  (sorted by id, atomic), so the complete file is left at the end.
 
 ``eval pie`` follows docs/evaluation.md: per-image CSV, per-type and overall means (NaN rows
 dropped) in PnPInversion's scaling, and the same as JSON.
