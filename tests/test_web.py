@@ -95,7 +95,9 @@ def _free_port() -> int:
 
 #: Upload limits of the test server: small, so that crossing them stays cheap.
 MAX_UPLOAD_MB = 1
-KEEP_UPLOADS = 6
+#: The mask painter uploads its background, composite and strokes anew as they change (about five
+#: distinct files for one stroke): with fewer kept, the source itself would be pruned before the edit.
+KEEP_UPLOADS = 12
 
 
 @dataclass
