@@ -129,22 +129,39 @@ def _open_file(path: Path, max_pixels: int | None, name: str | None = None) -> I
             raise ImageError(f"{what} is not a readable image: {e}") from None
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
+def header_size(source: str | os.PathLike | bytes) -> tuple[int, int] | None:
+    """(w, h) of an image file or its bytes from the header alone, never decoding a pixel (None:
+    not an image Pillow knows). What a server checks against its pixel limit before decoding."""
+    import io
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _header_size(io.BytesIO(bytes(source)))
+    return _header_size(Path(source))
+
+
+def _header_size(path) -> tuple[int, int] | None:
     """(w, h) from the header of a file Pillow refused as a decompression bomb, without decoding.
 
     Runs the format plugins' header readers the way ``Image.open`` does, minus its size check.
+    ``path``: a path, or an open binary file.
     """
+    import contextlib
+
     Image.init()
-    with open(path, "rb") as fp:
+    opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    with opened as fp:
         prefix = fp.read(16)
         for fmt in Image.ID:
             factory, accept = Image.OPEN[fmt]
-            ok = accept(prefix) if accept is not None else True
+            try:
+                ok = accept(prefix) if accept is not None else True
+            except Exception:  # noqa: BLE001 - a prefix too short for this format's test
+                continue
             if not ok or isinstance(ok, str):  # a str is Pillow's "almost this format" warning
                 continue
             fp.seek(0)
             try:
-                return factory(fp, str(path)).size
+                return factory(fp, str(path) if isinstance(path, (str, os.PathLike)) else "").size
             except Exception:  # noqa: BLE001 - not this format
                 continue
     return None

@@ -95,7 +95,9 @@ def _free_port() -> int:
 
 #: Upload limits of the test server: small, so that crossing them stays cheap.
 MAX_UPLOAD_MB = 1
-KEEP_UPLOADS = 6
+#: The mask painter uploads its background, composite and strokes anew as they change (about five
+#: distinct files for one stroke): with fewer kept, the source itself would be pruned before the edit.
+KEEP_UPLOADS = 12
 
 
 @dataclass
@@ -221,6 +223,17 @@ class Page:
             " return i && i.src !== before && (!image || (i.complete && i.naturalWidth > 0)); }",
             arg=[before, image],
         )
+
+    def wait_for_painter_background(self) -> None:
+        """Wait until the uploaded source is the mask painter's background (its own request, through
+        the queue): strokes drawn before it arrives are wiped when it does. A fixed sleep lost this
+        race on a busy machine."""
+        self.page.wait_for_function(
+            "() => { const e = document.querySelector('#mask-editor');"
+            " const s = e && e.querySelector('[data-testid=status-tracker]');"
+            " return e && s && s.classList.contains('hide') && e.style.borderStyle === 'solid'; }"
+        )
+        self.page.wait_for_timeout(300)  # the canvas redraws with the background
 
     def fill(self, elem_id: str, value: object) -> None:
         self.page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
@@ -900,8 +913,11 @@ def test_mask_painter_edits_only_the_painted_region(open_page, photo):
     page.locator("#mask-panel").get_by_text("Mask: edit one region only").click()
     canvas = page.locator("#mask-editor canvas").last
     canvas.wait_for(state="visible")
-    page.wait_for_timeout(1000)  # the source arrives as the painter's background
+    p.wait_for_painter_background()
+    canvas.scroll_into_view_if_needed()  # notes above the page (video, model) may push it below the fold
     box = canvas.bounding_box()
+    viewport = page.viewport_size
+    assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], (box, viewport)
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.32, box["y"] + box["height"] * 0.7, steps=12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,52 @@ class Unreadable:
     """What the image input hands on for an upload it cannot read (the edit reports it)."""
 
 
+class Refused(Unreadable):
+    """What an image input hands on for an upload refused before decoding (the edit reports ``message``)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+#: Most layers the mask painter may send, and its pixels in all (background, layers, composite)
+#: in units of the server's ``max_pixels``. With the source and an uploaded mask (each at most
+#: ``max_pixels``), one request decodes at most ``REQUEST_PIXELS`` x ``max_pixels`` pixels.
+MAX_LAYERS = 4
+PAINTER_PIXELS = 4
+REQUEST_PIXELS = PAINTER_PIXELS + 2
+
+
+def painter_refusal(images: list[Any], max_pixels: int | None) -> str | None:
+    """Why the painter's images (paths or bytes: background, layers..., composite; None skipped)
+    cannot be decoded, from their headers alone; None when they can."""
+    from fireflow.image import header_size
+
+    images = [i for i in images if i is not None]
+    if len(images) > MAX_LAYERS + 2:
+        return f"The painted mask has {len(images) - 2} layers; this server takes at most {MAX_LAYERS}."
+    total = 0
+    for image in images:
+        try:
+            size = header_size(image)
+        except OSError:
+            size = None
+        if size is None:
+            return "The painted mask is not an image this server can read; paint it again."
+        w, h = size
+        total += w * h
+        if max_pixels is not None and w * h > max_pixels:
+            return (
+                f"The painted mask is {w}x{h} = {w * h} pixels, more than this server's limit of {max_pixels}; "
+                "use a smaller image"
+            )
+    if max_pixels is not None and total > PAINTER_PIXELS * max_pixels:
+        return (
+            f"The painted mask is {total} pixels in all (background, layers, composite), more than this "
+            f"server's limit of {PAINTER_PIXELS * max_pixels}; use fewer layers or a smaller image"
+        )
+    return None
+
+
 NOT_AN_IMAGE = "The upload is not an image this server can read; use PNG, JPEG, WebP, GIF, BMP or TIFF."
 UPLOAD_GONE = "The uploaded image is no longer on this server (it keeps only the latest uploads); upload it again."
 
@@ -38,7 +85,22 @@ def error_html(message: str) -> str:
     return f'<div class="fireflow-error" role="alert">Cannot edit: {html.escape(message)}</div>'
 
 
-def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Path):
+class EditCancelled(Exception):
+    """The client of an edit has gone: raised between model calls, the edit stops there."""
+
+
+def client_gone(app: Any, request: Any) -> bool:
+    """Whether Gradio has marked every running job of this request's session as abandoned (its
+    client closed the tab or dropped the event stream: Gradio sets ``alive`` False on them)."""
+    queue = getattr(app, "_queue", None)
+    session = getattr(request, "session_hash", None)
+    if queue is None or session is None:
+        return False
+    mine = [e for job in list(queue.active_jobs) if job for e in job if e.session_hash == session]
+    return bool(mine) and not any(e.alive for e in mine)
+
+
+def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Path, app: list | None = None):
     """The request handlers ``(page, api)``: check the inputs, run one edit, return what the page shows.
 
     Both run the same edit. On bad input ``page`` returns the message in place of the result line and
@@ -49,6 +111,8 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
     import gradio as gr
 
     from fireflow.settings import SettingError
+
+    app = app if app is not None else []  # build_app puts the Blocks here once made
 
     def run(
         image: str | Unreadable | None,
@@ -66,8 +130,14 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         mask_file: str | None = None,
         paste: bool = False,
         auto: bool = False,
+        request: Any = None,
     ) -> tuple:
         pil = source_image(image, max_pixels)
+
+        def stop_if_gone(*_: Any) -> None:  # after every denoising step
+            if app and client_gone(app[0], request):
+                raise EditCancelled
+
         source, target = check_prompts(source, target)
         settings = check_knobs(
             editor,
@@ -80,6 +150,9 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             blocks=blocks,
         )
         mask = page_mask(mask_paint, mask_file, max_pixels)
+        paste = check_flag(paste, "Paste the source pixels")
+        auto = check_flag(auto, "Auto")
+        reconstruction = check_flag(reconstruction, "Show reconstruction")
         if auto and mask is not None:
             raise EditError("Auto finds the mask itself: clear the painted or uploaded mask, or untick Auto.")
         if auto:
@@ -96,6 +169,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
                 paste_pixels=bool(paste),
                 reconstruction=bool(reconstruction),
                 max_pixels=max_pixels,
+                callback=stop_if_gone,
             )
         except SettingError as e:
             raise EditError(e.worded("label")) from None
@@ -111,9 +185,21 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=mask_overlay(out.source, out.mask) if auto else None, visible=bool(auto)),
         )
 
-    def page(*inputs: Any) -> tuple:
+    cleared = (
+        None,
+        None,
+        gr.Image(value=None, visible=False),
+        "",
+        gr.DownloadButton(value=None, interactive=False),
+        gr.Image(value=None, visible=False),
+    )
+
+    def page(*inputs: Any, request: Any = None) -> tuple:
         try:
-            return run(*inputs)
+            return run(*inputs, request=request)
+        except EditCancelled:
+            print("fireflow serve: an edit stopped: its client has gone", file=sys.stderr)
+            return cleared
         except EditError as e:
             message = str(e)
         except Exception as e:  # noqa: BLE001 - the page must say something, and keep serving
@@ -128,12 +214,17 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=None, visible=False),
         )
 
-    def api(*inputs: Any) -> tuple:
+    def api(*inputs: Any, request: Any = None) -> tuple:
         try:
-            return run(*inputs)
+            return run(*inputs, request=request)
+        except EditCancelled:
+            print("fireflow serve: an edit stopped: its client has gone", file=sys.stderr)
+            return cleared
         except EditError as e:  # plain text: an API client gets the message as written, no HTML entities
             raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
 
+    # Gradio hands a handler its request when a parameter is annotated with gr.Request.
+    page.__annotations__["request"] = api.__annotations__["request"] = gr.Request
     return page, api
 
 
@@ -155,13 +246,51 @@ def source_image(image: str | Unreadable | None, max_pixels: int | None) -> Any:
         raise EditError(NOT_AN_IMAGE) from None
 
 
-def check_prompts(source: str | None, target: str | None) -> tuple[str, str]:
-    """Both prompts, stripped, or an :class:`EditError` naming the empty one."""
-    if not (source or "").strip():
-        raise EditError("The source prompt is empty: describe what the image shows.")
-    if not (target or "").strip():
-        raise EditError("The target prompt is empty: describe what the edit should show.")
-    return source.strip(), target.strip()
+#: Longest prompt accepted, in characters (the text encoders read far fewer tokens than this).
+MAX_PROMPT_CHARS = 2000
+#: Longest value of a text knob (solver, strategy, blocks), in characters.
+MAX_TEXT_CHARS = 200
+#: Characters that show nothing: a prompt of only these is empty.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"
+
+
+def check_text(value: Any, label: str, limit: int) -> str:
+    """A text field's value as sent: a string of at most ``limit`` characters, no lone surrogates,
+    or an :class:`EditError` naming the field."""
+    if not isinstance(value, str):
+        raise EditError(f"{label} must be text, got {type(value).__name__}.")
+    if len(value) > limit:
+        raise EditError(f"{label} is {len(value)} characters; this server takes at most {limit}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EditError(f"{label} contains an invalid character (a lone surrogate).") from None
+    return value
+
+
+def check_prompts(source: Any, target: Any) -> tuple[str, str]:
+    """Both prompts, stripped, or an :class:`EditError` naming the empty, too long or non-text one."""
+    out = []
+    for value, label, what in (
+        (source, "The source prompt", "describe what the image shows"),
+        (target, "The target prompt", "describe what the edit should show"),
+    ):
+        if value is None or value == "":
+            raise EditError(f"{label} is empty: {what}.")
+        text = check_text(value, label, MAX_PROMPT_CHARS).strip()
+        if not text.strip(_INVISIBLE + " \t\n\r\x00"):
+            raise EditError(f"{label} is empty: {what}.")
+        out.append(text)
+    return out[0], out[1]
+
+
+def check_flag(value: Any, label: str) -> bool:
+    """A checkbox's value: True or False only (the text "false" is not true)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise EditError(f"{label} must be true or false, got {type(value).__name__}.")
+    return value
 
 
 def result_line(out: Any, target: str, masked: bool, paste: bool) -> str:
@@ -200,13 +329,23 @@ def mask_background(path: Any, max_pixels: int | None) -> dict | None:
 def page_mask(painted: Any, uploaded: str | None, max_pixels: int | None) -> np.ndarray | None:
     """The edit mask from the page: an uploaded mask image, else the painted strokes (any pixel a
     stroke covers), else None (an unmasked edit)."""
-    from fireflow.image import ImageError, load_image
+    from fireflow.image import ImageError, ImageTooLarge, load_image
 
+    if isinstance(uploaded, Refused) or isinstance(painted, Refused):
+        raise EditError((uploaded if isinstance(uploaded, Refused) else painted).message)
+    if isinstance(uploaded, Unreadable):
+        raise EditError("The mask upload cannot be used: it is not an image this server can read.")
     if uploaded:
+        if not Path(uploaded).is_file():
+            raise EditError(UPLOAD_GONE.replace("uploaded image", "uploaded mask"))
         try:
             return np.asarray(load_image(uploaded, max_pixels, name="The mask").convert("L")) >= 128
-        except ImageError as e:
-            raise EditError(f"The mask upload cannot be used: {e}") from None
+        except ImageTooLarge as e:
+            raise EditError(
+                f"The mask upload cannot be used: {e}".replace("the limit of", "this server's limit of")
+            ) from None
+        except ImageError:  # its message names the server's path
+            raise EditError("The mask upload cannot be used: it is not an image this server can read.") from None
     layers = (painted or {}).get("layers") or [] if isinstance(painted, dict) else []
     strokes = [np.asarray(layer)[..., 3] > 0 for layer in layers if layer is not None and np.asarray(layer).ndim == 3]
     if not strokes or not np.logical_or.reduce(strokes).any():
@@ -222,8 +361,17 @@ def check_knobs(editor: FireFlowEditor, **values: Any) -> ResolvedSettings:
     from fireflow.settings import KNOBS, EditSettings, SettingError
 
     for name, value in values.items():
+        label = KNOBS[name].label
         if value is None or (isinstance(value, str) and not value.strip() and name != "blocks"):
-            raise EditError(f"{KNOBS[name].label} is empty: enter a value.")
+            raise EditError(f"{label} is empty: enter a value.")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise EditError(f"{label} is out of range: a number with {len(hex(value)) * 6 // 5} or so digits.")
+        if name in ("solver", "strategy", "blocks"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "blocks":
+                value = values[name] = str(value)
+            check_text(value, label, MAX_TEXT_CHARS)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EditError(f"{label} must be a number, got {type(value).__name__}.")
     n = values["num_steps"]
     if isinstance(n, (int, float)) and not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_STEPS):
         shown = int(n) if math.isfinite(n) and n == int(n) else n

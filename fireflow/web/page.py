@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fireflow.image import MAX_PIXELS
-from fireflow.web.handlers import Unreadable, make_edit_fn, mask_background
+from fireflow.web.handlers import Refused, Unreadable, make_edit_fn, mask_background, painter_refusal
 from fireflow.web.results import KEEP_RESULTS_S, Example, default_examples
 
 if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
@@ -64,7 +64,8 @@ def build_app(
     workdir.mkdir(parents=True, exist_ok=True)
     if examples is None:
         examples = default_examples(workdir / "examples", getattr(editor, "model_name", "demo"))
-    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
+    made: list = []  # the Blocks, for the handlers to see whether their client has gone
+    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir, app=made)
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
     has_guidance = editor.adapter.guidance_kind != "none"
@@ -82,11 +83,12 @@ def build_app(
         if k.choices:
             return gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id)
         if isinstance(value, str):
-            return gr.Textbox(value, label=k.label, elem_id=elem_id, info=info)
+            return _raw_text(gr.Textbox(value, label=k.label, elem_id=elem_id, info=info))
         # No precision: a step count of 2.5 must reach the check and be refused, not be rounded to 2.
         return gr.Number(value, label=k.label, min_width=90, elem_id=elem_id, info=info)
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
+        made.append(app)
         gr.Markdown(
             f"## {html.escape(title)}\n"
             "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
@@ -99,24 +101,29 @@ def build_app(
             with gr.Column(scale=2):
                 image = _image_input(gr)
                 with gr.Accordion("Mask: edit one region only (optional)", open=False, elem_id="mask-panel"):
-                    mask_paint = gr.ImageEditor(
+                    mask_paint = _mask_painter(
+                        gr,
+                        max_pixels,
                         label="Paint the region to edit (white), over the source",
                         type="numpy",
                         image_mode="RGBA",
                         sources=[],  # the background is the uploaded image, set below
-                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size(editor)),
                         transforms=[],
                         layers=False,
                         height=320,
                         elem_id="mask-editor",
                     )
-                    mask_file = gr.Image(
-                        type="filepath",
-                        image_mode=None,
-                        sources=["upload"],
-                        label="...or upload a mask image (white = edit, any size)",
-                        height=160,
-                        elem_id="mask-upload",
+                    mask_file = _undecoded(
+                        gr,
+                        gr.Image(
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload"],
+                            label="...or upload a mask image (white = edit, any size)",
+                            height=160,
+                            elem_id="mask-upload",
+                        ),
                     )
                     paste = gr.Checkbox(
                         False, label="Paste the source pixels outside the mask (exact background)", elem_id="paste"
@@ -126,8 +133,12 @@ def build_app(
                         label="Auto: find the region from the prompts (no painting; 4 more model calls)",
                         elem_id="mask-auto",
                     )
-                source = gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
-                target = gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
+                source = _raw_text(
+                    gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
+                )
+                target = _raw_text(
+                    gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
+                )
                 with gr.Row():
                     steps = knob("num_steps", "steps", "per pass")
                     inject = knob("inject", "inject", "steps reusing V")
@@ -188,6 +199,11 @@ def _image_input(gr: Any) -> gr.Image:
         elem_id="input-image",
         height=320,
     )
+    return _undecoded(gr, image)
+
+
+def _undecoded(gr: Any, image: gr.Image) -> gr.Image:
+    """``image`` handing on its upload's path undecoded (or :class:`Unreadable`), never failing in Gradio."""
     stock = image.preprocess
 
     def preprocess(payload: Any) -> str | Unreadable | None:
@@ -206,6 +222,53 @@ def _image_input(gr: Any) -> gr.Image:
     # module of every Component subclass, and a package must not write into itself.
     image.preprocess = preprocess
     return image
+
+
+def _raw_text(box: Any) -> Any:
+    """``box`` handing on what was sent when it is not text (a list, a number), for the edit to refuse
+    with its own message; Gradio's Textbox would turn it into text."""
+    stock = box.preprocess
+    box.preprocess = lambda payload: stock(payload) if isinstance(payload, str) or payload is None else payload
+    return box
+
+
+def brush_size(editor: Any) -> int:
+    """The painter's brush width in image pixels: 8 on a photo, 2 on the scenes model's 32x32 scenes
+    (an 8-pixel stroke would mark a quarter of one)."""
+    name = str(getattr(editor, "model_name", ""))
+    return 2 if name.startswith("scenes") else 8
+
+
+def _mask_painter(gr: Any, max_pixels: int | None, **kwargs: Any) -> gr.ImageEditor:
+    """The mask painter, whose every image (background, each layer, composite) is sized from its
+    header and refused (a :class:`Refused` for the edit to report) before Gradio decodes any."""
+    painter = gr.ImageEditor(**kwargs)
+    stock = painter.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if payload is None:
+            return None
+        source = payload
+        if getattr(payload, "id", None) is not None:  # images sent as blobs, kept by the component
+            source = painter.blob_storage.get(payload.id)
+        images: list[Any] = []
+        if source is not None:
+            for item in [source.background, *(source.layers or []), source.composite]:
+                images.append(getattr(item, "path", item))
+        message = painter_refusal(images, max_pixels)
+        if message:
+            if getattr(payload, "id", None) is not None:
+                painter.blob_storage.pop(payload.id, None)
+            return Refused(message)
+        try:
+            return stock(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - a layer that is not an image after all
+            return Refused("The painted mask is not an image this server can read; paint it again.")
+
+    painter.preprocess = preprocess
+    return painter
 
 
 def _result_image(gr: Any, label: str, elem_id: str, visible: bool = True) -> gr.Image:
