@@ -113,7 +113,7 @@ def run(out: Path) -> list[dict]:
             cmd = command(clip, target)
             argv = shlex.split(cmd)
             result = Path(tmp) / argv[-1]
-            argv = exe + argv[1:-1] + ["-q", str(result)]  # the README command, its output in a temporary folder
+            argv = exe + argv[1:-2] + ["-q", "-o", str(result)]  # the README command, its output in a temporary folder
             t0 = time.perf_counter()
             subprocess.run(argv, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             seconds = time.perf_counter() - t0
