@@ -103,7 +103,8 @@ def plot(log: list[dict], probes: list[dict], out: Path) -> None:
 def card_block(run: Path, step: int, log: list[dict], probes: list[dict]) -> str:
     seconds, segments = training_time(log, step)
     at = {r["step"]: r for r in log}
-    marks = [s for s in (10, 250, 1000, 2000, 3000, 4000, 5000, 6000) if s in at and s <= step]
+    marks = [s for s in (10, 250, 1000, 2000, 3000, 4000, 5000, 6000) if s in at and s < step]
+    marks += [step] if step in at else []
     losses = ", ".join(f"{at[s]['loss']:.3f} at {s:,}" for s in marks)
     last = probes[-1]
     lines = [

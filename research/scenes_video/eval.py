@@ -213,13 +213,13 @@ def contact_sheet(sources: torch.Tensor, edits: list[torch.Tensor], k: int) -> I
     return to_grid([block[:, f] for f in range(block.shape[1])])
 
 
-def run(weights: str, n: int, out: Path, sheet_clips: int = 6, step_note: str = "") -> dict:
+def run(weights: str, n: int, out: Path, sheet_clips: int = 6, step: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bench = VideoBench(weights, n)
     report: dict = {"weights": str(weights), "clips": n, "seed": EVAL_SEED, "editing": []}
-    if step_note:
-        report["step_note"] = step_note
+    if step is not None:
+        report["step"], report["step_note"] = step, f" (step {step:,})"
     shown = {}
     for s in SETTINGS:
         t1 = time.perf_counter()
@@ -265,7 +265,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    run(args.weights, args.clips, args.out, args.sheet_clips, f" (step {args.step:,})" if args.step else "")
+    run(args.weights, args.clips, args.out, args.sheet_clips, args.step)
 
 
 if __name__ == "__main__":
