@@ -58,7 +58,7 @@ def test_wheel_holds_no_training_studies_or_logs(wheel_names):
 
 def test_wheel_holds_weights_model_cards_and_the_demo_set(wheel_names):
     names = set(wheel_names)
-    for model in ("weights", "scenes_weights"):
+    for model in ("weights", "scenes_weights", "scenes_video_weights"):
         for f in ("README.md", "config.json", "diffusion_pytorch_model.safetensors"):
             assert f"fireflow/models/demo/{model}/{f}" in names
     assert "fireflow/bench/scenes_pie/mapping_file.json" in names
