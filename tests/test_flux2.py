@@ -519,8 +519,23 @@ def test_web_page_edits_with_a_tiny_flux2(folders, tmp_path, monkeypatch):
         photo = tmp_path / "circle.png"
         Image.new("RGB", (64, 48), (40, 90, 200)).save(photo)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        args = ("a photo", "a painting", 2, 1, 2.0, "fireflow", "replace_v", "default", 1.0, False, None, None, False)
-        source, edit, _, info, _ = client.predict(handle_file(str(photo)), *args, api_name="/edit")
+        args = (
+            "a photo",
+            "a painting",
+            2,
+            1,
+            2.0,
+            "fireflow",
+            "replace_v",
+            "default",
+            1.0,
+            False,
+            None,
+            None,
+            False,
+            False,
+        )
+        source, edit, _, info, _, _ = client.predict(handle_file(str(photo)), *args, api_name="/edit")
     finally:
         app.close()
     assert "6 NFE" in info and "single 0-1" in info

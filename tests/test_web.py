@@ -615,7 +615,8 @@ def _png_bytes(size: int, color) -> bytes:
 def _api_edit(server: str, image: dict | None, *knobs) -> str:
     """Call the edit API (source, target, then the knobs as the page orders them); returns the event stream."""
     # ... reconstruction, then the mask: painted strokes, an uploaded mask, paste pixels.
-    defaults = ["a red circle", "a yellow circle", 8, 1, 2, "fireflow", "replace_v", "all", 1, False, None, None, False]
+    defaults = ["a red circle", "a yellow circle", 8, 1, 2, "fireflow", "replace_v", "all", 1, False]
+    defaults += [None, None, False, False]  # painted strokes, uploaded mask, paste pixels, auto mask
     data = [image, *knobs, *defaults[len(knobs) :]]
     req = urllib.request.Request(
         f"{server}/gradio_api/call/edit", data=json.dumps({"data": data}).encode(),
@@ -825,7 +826,7 @@ def test_no_page_action_reads_server_paths(server, photo):
 
     # The edit API called directly with a server path instead of an upload: refused, nothing read.
     payload = {"path": str(photo), "meta": {"_type": "gradio.FileData"}}
-    data = [payload, "a", "b", 8, 1, 2, "fireflow", "replace_v", "all", 1, False, None, None, False]
+    data = [payload, "a", "b", 8, 1, 2, "fireflow", "replace_v", "all", 1, False, None, None, False, False]
     body = json.dumps({"data": data}).encode()
     req = urllib.request.Request(
         f"{server}/gradio_api/call/edit", data=body, headers={"Content-Type": "application/json"}

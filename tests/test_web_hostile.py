@@ -48,7 +48,7 @@ def _error(stream: str) -> str:
 
 
 DEFAULTS = ['"a red circle"', '"a yellow circle"', "8", "1", "2", '"fireflow"', '"replace_v"', '"all"', "1", "false"]
-DEFAULTS += ["null", "null", "false"]
+DEFAULTS += ["null", "null", "false", "false"]
 
 
 def _raw_edit(server: str, items: list[str]) -> str:
