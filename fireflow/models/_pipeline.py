@@ -73,6 +73,8 @@ class PipelineAdapter(ModelAdapter):
         name = config["_class_name"]
         if name not in cls.pipelines + cls.transformers:
             raise ModelLoadError(f"{folder}: {name} is not served by {cls.name} ({', '.join(cls.pipelines)})")
+        if getattr(diffusers, name, None) is None:  # e.g. Flux2KleinPipeline before diffusers 0.37
+            raise ModelLoadError(f"{folder}: {name} needs a newer diffusers than the installed {diffusers.__version__}")
         if kind == "transformer":
             model = load_pipeline(getattr(diffusers, name), Path(folder), torch_dtype)
             model = model.to(device).eval().requires_grad_(False)
