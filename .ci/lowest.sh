@@ -56,7 +56,7 @@ python -m pytest -q -p no:cacheprovider -rs \
     "tests/test_sd3.py::test_bench_pie_and_the_web_handler_run_on_sd3" \
     "tests/test_web.py::test_page_and_api_handlers" \
     "tests/test_metrics.py::test_lpips_heads_bundled_with_torchmetrics_load" \
-    "tests/test_bench_solvers.py" \
+    "tests/test_research.py::test_solver_benchmark_writes_table_json_and_plot" \
     tests/test_flux2.py  # the whole file: node ids in a file that skips itself are "not found"
 
 # FLUX.2 at its own diffusers minimum, every other package still at its floor.
