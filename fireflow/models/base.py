@@ -202,18 +202,23 @@ class ModelAdapter(ABC):
                     model.compile(**kwargs)
         self.compiled = self.compiled or compile
 
-    def feature_call(self, store: FeatureReuse | None, reusing: bool) -> tuple[dict | None, contextlib.ExitStack]:
+    def feature_call(
+        self, store: FeatureReuse | None, reusing: bool
+    ) -> tuple[dict | None, contextlib.AbstractContextManager]:
         """How one transformer call hands ``store`` (None: inactive this call) to the processors:
-        ``(attention_kwargs, context)``. ``reusing``: the edit's processors are installed."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(in_call())
-        kwargs = None
+        ``(attention_kwargs, context)``. ``reusing``: the edit's processors are installed.
+        Runs on every model call: the common case (kwargs route, nothing to hand over) costs nothing."""
         if self.route == "kwargs":
-            kwargs = {ATTENTION_KWARG: store} if store is not None else None
-            eager = store is not None
+            if store is None:
+                return None, contextlib.nullcontext()
+            stack = contextlib.ExitStack()
+            # Unselected stock layers warn about the kwarg; the filter drops that inside this call only.
+            stack.enter_context(in_call())
+            kwargs: dict | None = {ATTENTION_KWARG: store}
         else:
+            stack, kwargs = contextlib.ExitStack(), None
             stack.enter_context(bound(store))
-            eager = reusing
+        eager = store is not None if self.route == "kwargs" else reusing
         if eager and self.compiled:
             # Per-call Python state would make compiled blocks guard and recompile (kwargs), or
             # cannot be traced at all (a context variable): such calls run eager.
