@@ -69,7 +69,13 @@ KNOBS: dict[str, Knob] = {
     k.name: k
     for k in (
         Knob("num_steps", "--steps", "Steps", 8, f"steps per pass, 1..{MAX_STEPS} (default 8: 18 model calls an edit)"),
-        Knob("inject", "--inject", "Injected steps", 1, "denoising steps that reuse inversion features (default 1)"),
+        Knob(
+            "inject",
+            "--inject",
+            "Injected steps",
+            None,
+            "denoising steps that reuse inversion features (default: the model's, 1)",
+        ),
         Knob("guidance", "--guidance", "Guidance", None, "guidance while editing (default: the family's, FLUX.1 2)"),
         Knob(
             "inversion_guidance",
@@ -242,7 +248,7 @@ class EditSettings:
     """
 
     num_steps: int = 8
-    inject: int = 1
+    inject: int | None = None
     guidance: float | None = None
     inversion_guidance: float | None = None
     solver: str = "fireflow"
@@ -275,8 +281,8 @@ class EditSettings:
         if self.checked:
             return self
         num_steps = _integer("num_steps", self.num_steps, 1, MAX_STEPS)
-        inject = _integer("inject", self.inject, 0, MAX_STEPS)
-        if inject > num_steps:
+        inject = None if self.inject is None else _integer("inject", self.inject, 0, MAX_STEPS)
+        if inject is not None and inject > num_steps:
             raise SettingError("inject", f"{{name}} must be between 0 and the step count {num_steps}, got {inject}")
         guidance = None if self.guidance is None else _number("guidance", self.guidance, *GUIDANCE_RANGE)
         inv = self.inversion_guidance
@@ -325,9 +331,11 @@ class EditSettings:
         # Unguided inversion: 1 where guidance is CFG above 1 or an embedded input; a family whose
         # guidance is "on above 0" (Z-Image) says 0.
         inversion = float(defaults.get("inversion_guidance", 1.0))
+        # A model's default inject never exceeds the steps asked for (a value given does: check()).
+        inject = s.inject if s.inject is not None else min(int(defaults.get("inject", 1)), s.num_steps)
         return ResolvedSettings(
             num_steps=s.num_steps,
-            inject=s.inject if edit else 0,
+            inject=inject if edit else 0,
             guidance=guidance,
             inversion_guidance=s.inversion_guidance if s.inversion_guidance is not None else inversion,
             solver=s.solver,

@@ -52,3 +52,46 @@ def test_cli_refuses_a_five_frame_clip_in_one_line(tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and "5 frames" in err and "6-frame" in err
     assert not (tmp_path / "o.gif").exists()
+
+
+def _weights_with(tmp_path: Path, defaults) -> Path:
+    import json
+    import shutil
+
+    folder = tmp_path / "weights"
+    shutil.copytree(BUNDLED["scenes-video"], folder)
+    marker = folder / "fireflow_demo.json"
+    data = json.loads(marker.read_text())
+    data["defaults"] = defaults
+    marker.write_text(json.dumps(data))
+    return folder
+
+
+def test_the_weights_folder_carries_its_default_inject(tmp_path):
+    from fireflow.editor import FireFlowEditor
+
+    editor = FireFlowEditor.from_pretrained(str(_weights_with(tmp_path, {"inject": 3})))
+    resolved = editor.resolve(None)
+    assert resolved.inject == 3 and resolved.num_steps == 8  # the marker's knob over the family's; the rest kept
+    assert editor.resolve(None, inject=0).inject == 0  # the caller's value still wins
+
+
+def test_a_marker_default_that_is_no_knob_is_refused(tmp_path):
+    from fireflow.editor import FireFlowEditor
+
+    with pytest.raises(ValueError, match="knob names"):
+        FireFlowEditor.from_pretrained(str(_weights_with(tmp_path, {"injekt": 3})))
+
+
+def test_choose_takes_the_best_fireflow_row_and_the_fewer_injected_steps_on_a_tie():
+    from research.scenes_video.eval import choose
+
+    def row(inject, hit, iou, consistent):
+        summary = {"frame_hit": hit, "frame_iou": iou, "consistent": consistent}
+        return {"solver": "fireflow", "steps": 8, "inject": inject, "summary": summary}
+
+    euler = {"solver": "euler", "steps": 9, "inject": 0, "summary": {"frame_hit": 1, "frame_iou": 1, "consistent": 1}}
+    report = {"editing": [euler, row(0, 0.7, 0.5, 0.7), row(1, 0.8, 0.6, 0.8), row(2, 0.8, 0.6, 0.8)]}
+    assert choose(report) == 1
+    report["editing"].append(row(3, 0.9, 0.7, 0.8))
+    assert choose(report) == 3

@@ -45,6 +45,8 @@ from research.bundled.scenes_eval import box_iou, detect, masked_psnr
 from research.scenes_video import clips as C
 
 EVAL_SEED = 2026
+SPLITS = ("heldout", "validation")
+VALIDATION_SEED_OFFSET = 1000
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,19 @@ class Setting:
         return 2 * {"fireflow": self.steps + 1, "euler": self.steps, "midpoint": 2 * self.steps}[self.solver]
 
 
-DEFAULT = Setting("fireflow", 8, 1)
 SOLVERS = [("fireflow", 8), ("euler", 9), ("midpoint", 4)]
-SETTINGS = [Setting(s, n, k) for s, n in SOLVERS for k in (0, 1, 2, 3)]
-#: Edit rows of the contact sheet, under each clip's source row.
-SHEET = [DEFAULT, Setting("euler", 9, 1), Setting("midpoint", 4, 1)]
+INJECTS = (0, 1, 2, 3)
+SETTINGS = [Setting(s, n, k) for s, n in SOLVERS for k in INJECTS]
+
+
+def sheet_settings(default: Setting) -> list[Setting]:
+    """Edit rows of the contact sheet, under each clip's source row: the default and its rivals."""
+    return [default, Setting("euler", 9, default.inject), Setting("midpoint", 4, default.inject)]
+
+
+def choice_score(summary: dict) -> float:
+    """What :func:`choose` maximises: the mean of the three barred figures, each in [0, 1]."""
+    return (summary["frame_hit"] + summary["frame_iou"] + summary["consistent"]) / 3
 
 
 def family_swap(obj: int, rng: np.random.Generator) -> int:
@@ -75,9 +85,17 @@ def family_swap(obj: int, rng: np.random.Generator) -> int:
     return int(rng.choice(pool))
 
 
-def edit_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[C.Clip, int]]:
-    """``n`` held-out clips, each with its target object (deterministic)."""
-    clips = C.draw_clips(n, torch.Generator().manual_seed(seed), held_out=True)
+def edit_cases(n: int, seed: int = EVAL_SEED, split: str = "heldout") -> list[tuple[C.Clip, int]]:
+    """``n`` clips of ``split``, each with its target object (deterministic).
+
+    ``"heldout"``: the evaluation split, never trained on, for the table. ``"validation"``: clips of
+    the training split (another seed), on which the model's default is chosen (:func:`choose`), so
+    that choice never looks at the held-out clips.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
+    seed = seed if split == "heldout" else seed + VALIDATION_SEED_OFFSET
+    clips = C.draw_clips(n, torch.Generator().manual_seed(seed), held_out=split == "heldout")
     rng = np.random.default_rng(seed)
     return [(c, family_swap(c.obj, rng)) for c in clips]
 
@@ -122,14 +140,17 @@ def summarize(rows: list[dict]) -> dict:
 class VideoBench:
     """One model on the held-out clips: one batched edit per setting."""
 
-    def __init__(self, weights: str, n: int, batch_size: int = 32):
+    def __init__(self, weights: str, n: int, batch_size: int = 32, split: str = "heldout"):
         from fireflow.editor import FireFlowEditor
 
         self.editor = FireFlowEditor.from_pretrained(weights, device="cpu")
         a = self.editor.adapter
         if a.frames != C.FRAMES:
             raise SystemExit(f"{weights}: a {a.frames}-frame model; the clips have {C.FRAMES} frames")
-        self.cases = edit_cases(n)
+        r = self.editor.resolve(None)
+        #: The model's default edit (its marker's defaults over the family's), as the CLI runs it.
+        self.default = Setting(r.solver, r.num_steps, r.inject)
+        self.cases = edit_cases(n, split=split)
         self.batch_size = batch_size
         self.sources = torch.stack([C.composite(c) for c, _ in self.cases])  # [N, F, 3, H, W] in [0, 1]
         self.latents = a.encode_image(self.sources * 2 - 1)
@@ -175,7 +196,7 @@ def markdown(report: dict) -> str:
     ]
     for row in report["editing"]:
         o = row["summary"]
-        name = f"**{row['label']}** (default)" if row["label"] == DEFAULT.label else row["label"]
+        name = f"**{row['label']}** (default)" if row["label"] == report["default"] else row["label"]
         lines.append(
             f"| {name} | {row['nfe']} | {_pct(o['frame_hit'])} | {o['frame_iou']:.2f} | {_pct(o['consistent'])} "
             f"| {_pct(o['consistent_hit'])} | {o['kept_psnr']:.1f} |"
@@ -187,10 +208,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def d_inject(report: dict) -> int:
+    return next(r["inject"] for r in report["editing"] if r["label"] == report["default"])
+
+
 def bars(report: dict) -> dict:
     by = {r["label"]: r["summary"] for r in report["editing"]}
-    d = by[DEFAULT.label]
-    euler = by[Setting("euler", 9, DEFAULT.inject).label]
+    d = by[report["default"]]
+    euler = by[Setting("euler", 9, d_inject(report)).label]
     return {
         "target hit": {"value": _pct(d["frame_hit"]), "bar": ">= 75%", "reached": d["frame_hit"] >= 0.75},
         "placement IoU": {"value": f"{d['frame_iou']:.2f}", "bar": ">= 0.6", "reached": d["frame_iou"] >= 0.6},
@@ -213,59 +238,109 @@ def contact_sheet(sources: torch.Tensor, edits: list[torch.Tensor], k: int) -> I
     return to_grid([block[:, f] for f in range(block.shape[1])])
 
 
-def run(weights: str, n: int, out: Path, sheet_clips: int = 6, step: int | None = None) -> dict:
+def run(
+    weights: str,
+    n: int,
+    out: Path,
+    sheet_clips: int = 6,
+    step: int | None = None,
+    split: str = "heldout",
+    settings: list[Setting] | None = None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    bench = VideoBench(weights, n)
-    report: dict = {"weights": str(weights), "clips": n, "seed": EVAL_SEED, "editing": []}
+    bench = VideoBench(weights, n, split=split)
+    default = bench.default
+    settings = list(settings or SETTINGS)
+    sheet = sheet_settings(default) if split == "heldout" else []
+    for s in [default, *sheet]:
+        if s not in settings:
+            settings.append(s)
+    report: dict = {"weights": str(weights), "split": split, "clips": n, "seed": EVAL_SEED, "editing": []}
+    report["default"] = default.label
     if step is not None:
         report["step"], report["step_note"] = step, f" (step {step:,})"
     shown = {}
-    for s in SETTINGS:
+    for s in settings:
         t1 = time.perf_counter()
         edited = bench.edit(s)
         rows = [score_clip(c, t, edited[i], bench.sources[i]) for i, (c, t) in enumerate(bench.cases)]
         summ = summarize(rows)
         entry = {"label": s.label, "solver": s.solver, "steps": s.steps, "inject": s.inject, "nfe": s.nfe,
                  "summary": summ, "seconds": round(time.perf_counter() - t1, 1)}  # fmt: skip
-        if s == DEFAULT:
+        if s == default:
             entry["rows"] = rows
         report["editing"].append(entry)
-        if s in SHEET:
+        if s in sheet:
             shown[s] = edited
         line = f"{s.label:<22} hit {summ['frame_hit']:.0%}  IoU {summ['frame_iou']:.2f}  "
         line += f"consistent {summ['consistent']:.0%}  kept {summ['kept_psnr']:.1f} dB  ({entry['seconds']} s)"
         print(line, flush=True)
-    report["bars"] = bars(report)
-    report["sheet"] = {
-        "clips": [f"{c.prompt} -> {target_prompt(c, t)}" for c, t in bench.cases[:sheet_clips]],
-        "rows per clip": ["source"] + [s.label for s in SHEET],
-        "columns": [f"frame {f}" for f in range(C.FRAMES)],
-    }
-    sheet = contact_sheet(bench.sources, [shown[s] for s in SHEET], sheet_clips)
-    atomic_write(out / "video_sheet.png", lambda f: sheet.save(f, format="PNG"))
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    md = markdown(report)
-    atomic_write(out / "video_table.md", lambda f: f.write(md.encode()))
+    name = "video" if split == "heldout" else "validation"
+    if sheet:
+        report["bars"] = bars(report)
+        report["sheet"] = {
+            "clips": [f"{c.prompt} -> {target_prompt(c, t)}" for c, t in bench.cases[:sheet_clips]],
+            "rows per clip": ["source"] + [s.label for s in sheet],
+            "columns": [f"frame {f}" for f in range(C.FRAMES)],
+        }
+        image = contact_sheet(bench.sources, [shown[s] for s in sheet], sheet_clips)
+        atomic_write(out / "video_sheet.png", lambda f: image.save(f, format="PNG"))
+        md = markdown(report)
+        atomic_write(out / f"{name}_table.md", lambda f: f.write(md.encode()))
+        print(md)
     text = json.dumps(report, indent=1, default=float)
-    atomic_write(out / "video_eval.json", lambda f: f.write(text.encode()))
-    print(md)
-    print(f"wrote {out}/video_eval.json, video_table.md, video_sheet.png ({report['seconds']} s)")
+    atomic_write(out / f"{name}_eval.json", lambda f: f.write(text.encode()))
+    print(f"wrote {out}/{name}_eval.json ({report['seconds']} s)")
     return report
 
 
+def choose(report: dict) -> int:
+    """The FireFlow-8 injection count with the best :func:`choice_score` on a validation report."""
+    rows = [r for r in report["editing"] if r["solver"] == "fireflow" and r["steps"] == 8]
+    best = max(rows, key=lambda r: (round(choice_score(r["summary"]), 6), -r["inject"]))
+    return int(best["inject"])
+
+
+def write_default_inject(weights: Path, inject: int) -> None:
+    """Record ``inject`` as the model's default in its folder's marker (``defaults``)."""
+    from fireflow.models.demo import MARKER
+
+    file = Path(weights) / MARKER
+    marker = json.loads(file.read_text())
+    marker.setdefault("defaults", {})["inject"] = inject
+    text = json.dumps(marker, indent=2) + "\n"
+    atomic_write(file, lambda f: f.write(text.encode()))
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Video edits on held-out moving-scenes clips: the table.")
+    p = argparse.ArgumentParser(description="Video edits on moving-scenes clips: the held-out table, or the choice.")
     p.add_argument("--weights", default="scenes-video", help="a scenes-video weights folder (or the bundled name)")
-    p.add_argument("--clips", type=int, default=24, help="held-out clips (one edit each)")
+    p.add_argument("--clips", type=int, default=24, help="clips (one edit each)")
     p.add_argument("--out", type=Path, default=Path("docs/scenes_video"))
+    p.add_argument("--split", choices=SPLITS, default="heldout", help="heldout: the table; validation: the choice")
+    p.add_argument(
+        "--choose",
+        action="store_true",
+        help="with --split validation: write the FireFlow-8 inject count scoring best into the weights' marker",
+    )
     p.add_argument("--sheet-clips", type=int, default=6, help="clips shown in the contact sheet")
     p.add_argument("--step", type=int, default=None, help="the checkpoint's training step, for the table's header")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if args.choose and args.split != "validation":
+        p.error("--choose looks at validation clips only: add --split validation")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    run(args.weights, args.clips, args.out, args.sheet_clips, args.step)
+    settings = [Setting("fireflow", 8, k) for k in INJECTS] if args.split == "validation" else None
+    report = run(args.weights, args.clips, args.out, args.sheet_clips, args.step, args.split, settings)
+    if args.choose:
+        k = choose(report)
+        for r in report["editing"]:
+            print(f"{r['label']:<22} score {choice_score(r['summary']):.3f}")
+        write_default_inject(Path(args.weights), k)
+        print(f"chose inject {k}; wrote it to {Path(args.weights) / 'fireflow_demo.json'}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -153,6 +153,12 @@ class DemoAdapter(FluxUnguidedAdapter):
         #: Frames per clip (1: an image model).
         self.frames = int(marker.get("frames", 1))
         self.default_size = self.resolution
+        #: Knob defaults the model folder recommends (its marker's ``defaults``), over the family's.
+        self.marker_defaults = _marker_defaults(marker)
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return {**super().defaults, **self.marker_defaults}
 
     @property
     def video(self) -> bool:  # type: ignore[override]
@@ -254,6 +260,16 @@ class DemoAdapter(FluxUnguidedAdapter):
 
 #: The file that marks a folder as a bundled demo model, and what it says.
 MARKER = "fireflow_demo.json"
+
+
+def _marker_defaults(marker: dict) -> dict[str, Any]:
+    """The marker's ``defaults`` (knob name -> value), checked against the settings table."""
+    from fireflow.settings import KNOBS
+
+    found = marker.get("defaults", {})
+    if not isinstance(found, dict) or not all(k in KNOBS for k in found):
+        raise ValueError(f"{MARKER}: 'defaults' must map knob names ({', '.join(KNOBS)}) to values, got {found!r}")
+    return dict(found)
 
 
 def read_marker(folder: Path) -> dict:
