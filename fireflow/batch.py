@@ -764,8 +764,7 @@ def pin_threads(device: str | None, threads: int | None) -> int | None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``batch`` under ``fireflow``."""
-    from fireflow.cli import add_edit_options, add_model_options
-    from fireflow.image import MAX_PIXELS
+    from fireflow.cli import add_edit_options, add_max_pixels, add_model_options
 
     p = subparsers.add_parser(
         "batch",
@@ -782,7 +781,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="targets per inversion (default 4)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line")
     p.add_argument("--paste-pixels", action="store_true", help="lines with a mask: paste source pixels outside it")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS})")
+    add_max_pixels(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads a process (default OMP_NUM_THREADS, else 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(p)

@@ -1,16 +1,22 @@
 """The ``fireflow`` command: edit, invert, reconstruct, generate, plus the bench/eval/serve front ends.
 
 Every subcommand is a thin layer over :class:`fireflow.FireFlowEditor`. Bad input ends with one
-line on stderr, exit status 2, and no output file.
+line on stderr, exit status 2, and no output file. An output that cannot be written (a full disk, a
+file-size limit, stdout on a full device) ends with one line, ``cannot write ...``, and exit status
+1: the input was fine; no partial file is left (writes go through a temporary file and a rename).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from fireflow import settings as knobs
 from fireflow._io import atomic_write
@@ -23,6 +29,35 @@ EXTRA_COMMANDS = ("fireflow.batch", "fireflow.bench.cli", "fireflow.web")
 
 class UsageError(ValueError):
     """Bad command-line input, found before any work is done."""
+
+
+class WriteError(Exception):
+    """An output (a file, or stdout) could not be written: not bad input, so exit status 1."""
+
+
+class StdoutError(WriteError):
+    """stdout could not be written (a full device, a closed pipe)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other refusal (no usage block; -h has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _pixel_limit(text: str) -> int:
+    """``--max-pixels``: a positive whole number (a limit of 0 or below would blame every image)."""
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive whole number of pixels")
+    return int(text)
+
+
+def add_max_pixels(p: argparse.ArgumentParser, what: str = "images") -> None:
+    """``--max-pixels``, checked as it is parsed; shared by the front ends."""
+    p.add_argument(
+        "--max-pixels", type=_pixel_limit, default=MAX_PIXELS, help=f"refuse larger {what} (default {MAX_PIXELS})"
+    )
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -49,6 +84,22 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=None, help="a diffusers attention backend, e.g. _native_cudnn, flash")
 
 
+def check_attention_backend(name: str) -> None:
+    """``--attention-backend``: a backend this diffusers knows and can run here, said before any model
+    loads (diffusers itself says so only when the backend is set, after the load)."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    except ImportError:  # another diffusers layout: the load's own error is caught in load_editor
+        return
+    names = sorted(b.value for b in AttentionBackendName)
+    if name.lower() not in names:
+        raise UsageError(f"--attention-backend {name!r} is not a diffusers backend; accepted: {', '.join(names)}")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name.lower()))
+    except (RuntimeError, ImportError) as e:
+        raise UsageError(f"--attention-backend {name!r} cannot run here: {_one_line(e)}") from None
+
+
 def add_edit_options(p: argparse.ArgumentParser) -> None:
     """The method's knobs (fireflow.settings), defaulting to the paper's PIE-Bench setting."""
     knobs.add_arguments(p)
@@ -67,6 +118,8 @@ def check_model_options(args: argparse.Namespace, needs_pipeline: bool = True) -
         parse_device(args.device, what="--device")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "attention_backend", None):
+        check_attention_backend(args.attention_backend)
     if needs_pipeline:
         require_pipeline(args.model, f"fireflow {args.command}")
 
@@ -75,7 +128,7 @@ def _add_image_options(p: argparse.ArgumentParser, video: bool = False) -> None:
     what = "; or a video: mp4, webm, gif, or a folder of frames (README: Video)" if video else ""
     p.add_argument("image", help=f"source image (any format Pillow reads){what}")
     p.add_argument("--resize", type=_size, default=None, help="resize to WIDTHxHEIGHT first (default: crop to /16)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS})")
+    add_max_pixels(p)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -123,7 +176,12 @@ def load_editor(args: argparse.Namespace, device: str | None = None):
         args.model, device=device or args.device, torch_dtype=args.dtype, offload=args.offload
     )
     if args.compile or args.attention_backend:
-        editor.adapter.optimize(compile=args.compile, attention_backend=args.attention_backend)
+        try:
+            editor.adapter.optimize(compile=args.compile, attention_backend=args.attention_backend)
+        except RuntimeError as e:  # a backend check_attention_backend could not see (another diffusers)
+            if not args.attention_backend:
+                raise
+            raise UsageError(f"--attention-backend {args.attention_backend!r}: {_one_line(e)}") from None
     _demo_threads(editor)
     return editor
 
@@ -141,11 +199,42 @@ def _demo_threads(editor) -> None:
         torch.set_num_threads(1)
 
 
+def _say(text: str) -> None:
+    """One line on stdout. A character its encoding lacks (a path in an ASCII locale) is escaped,
+    not an error after the outputs were written; stdout that cannot be written is a WriteError."""
+    out = sys.stdout
+    if out is None:  # closed (>&-): nothing to tell
+        return
+    try:
+        try:
+            print(text, file=out, flush=True)
+        except UnicodeEncodeError:
+            enc = getattr(out, "encoding", None) or "ascii"
+            print(text.encode(enc, "backslashreplace").decode(enc), file=out, flush=True)
+    except OSError as e:
+        raise StdoutError(f"cannot write to stdout: {e.strerror or e}") from None
+
+
+def _write(path: Path, write: Callable[[], object]) -> None:
+    """Run ``write`` (an atomic write of ``path``, which removes its temporary file on failure);
+    a full disk or a file-size limit is one line naming the path."""
+    try:
+        write()
+    except OSError as e:
+        raise WriteError(f"cannot write {str(path)!r}: {e.strerror or _one_line(e)}") from None
+
+
 def _report(what: str, out, paths: list[Path], image=None) -> None:
     if image is not None and out.source is not None and out.source.size != image.size:
         (w, h), (sw, sh) = image.size, out.source.size
-        print(f"note: the {w}x{h} input was cropped or resized to {sw}x{sh}, a size this model takes")
-    print(f"{what}: {out.nfe} NFE, {out.seconds:.2f} s -> {', '.join(str(p) for p in paths)}")
+        _say(f"note: the {w}x{h} input was cropped or resized to {sw}x{sh}, a size this model takes")
+    _say(f"{what}: {out.nfe} NFE, {out.seconds:.2f} s -> {', '.join(str(p) for p in paths)}")
+
+
+def _check_input(args: argparse.Namespace) -> None:
+    """The input path: '-' is not stdin here (the image is sized from its header before decoding)."""
+    if args.image == "-" and not Path("-").exists():
+        raise UsageError("image '-': reading the image from stdin is not supported; give its file path")
 
 
 def _check_edit_text(args: argparse.Namespace) -> EditSettings:
@@ -174,6 +263,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     if is_video_path(args.image):
         return cmd_edit_video(args)
+    _check_input(args)
     if args.max_frames is not None:
         raise UsageError(f"--max-frames is for a video input; {args.image!r} is an image")
     settings = _check_edit_text(args)
@@ -217,15 +307,16 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
     results = out.images or [v[0] for v in out.videos]  # a video family edits a still as one frame
     for img, path in zip(results, outs, strict=True):
-        save_image_atomic(img, path)
+        _write(path, lambda img=img, path=path: save_image_atomic(img, path))
     if recon_path is not None:
         rec = out.reconstruction
-        save_image_atomic(rec[0] if isinstance(rec, list) else rec, recon_path)
+        _write(recon_path, lambda: save_image_atomic(rec[0] if isinstance(rec, list) else rec, recon_path))
         outs.append(recon_path)
     if mask_path is not None:  # at the model's size, white = edited (every frame's, for a clip)
         from PIL import Image
 
-        save_image_atomic(Image.fromarray(out.mask.any(axis=0).astype("uint8") * 255), mask_path)
+        mask_image = Image.fromarray(out.mask.any(axis=0).astype("uint8") * 255)
+        _write(mask_path, lambda: save_image_atomic(mask_image, mask_path))
         outs.append(mask_path)
     masked = (f", auto mask {100 * out.mask.mean():.0f}% of the image" if auto else ", masked") if args.mask else ""
     _report(
@@ -237,14 +328,17 @@ def cmd_edit(args: argparse.Namespace) -> None:
     )
 
 
-def _video_output(path: str, flag: str = "-o") -> Path:
-    """An mp4 or gif file, or a folder for PNG frames (no suffix), checked before any work."""
+def _video_output(path: str, flag: str = "-o", source: str | None = None) -> Path:
+    """An mp4 or gif file, or a folder for PNG frames (no suffix), checked before any work.
+    ``source``: the input, named in the refusal (a folder given as the image is read as frames)."""
     from fireflow.video import WRITE_SUFFIXES, output_kind
 
     kind = output_kind(path)
     if kind is None:
+        what = "a folder, read as a video's frames" if source and Path(source).is_dir() else "a video"
+        why = f"the input {source!r} is {what}; " if source else ""
         raise UsageError(
-            f"{flag} {path!r}: a video is written as {', '.join(WRITE_SUFFIXES)}, or as PNG frames in a folder "
+            f"{flag} {path!r}: {why}a video is written as {', '.join(WRITE_SUFFIXES)}, or as PNG frames in a folder "
             "(a path with no suffix)"
         )
     if kind != "folder":
@@ -286,10 +380,10 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
     settings = _check_edit_text(args)
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError(f"--max-frames must be at least 1, got {args.max_frames}")
-    outs = _numbered(_video_output(args.output or "edited.mp4"), len(args.target))
+    outs = _numbered(_video_output(args.output or "edited.mp4", source=args.image), len(args.target))
     recon_path = None
     if args.save_reconstruction:
-        recon_path = _video_output(args.save_reconstruction, "--save-reconstruction")
+        recon_path = _video_output(args.save_reconstruction, "--save-reconstruction", args.image)
     named = [("-o", p) for p in outs] + ([("--save-reconstruction", recon_path)] if recon_path else [])
     _distinct([("the input video", Path(args.image))] + ([("--mask", Path(args.mask))] if args.mask else []) + named)
     for p in outs if len(outs) > 1 else []:  # NAME-0, NAME-1, ...: each folder must be new or empty
@@ -313,12 +407,12 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
         raise UsageError(f"{a.name} edits images; a video needs a video family (Wan; README: Video)")
     n = a.prepare_frames(len(frames))  # Wan: 4k + 1 frames, else refused naming the counts it takes
     if n < len(frames):
-        print(f"note: {a.name} edits the first {n} of the {len(frames)} frames")
+        _say(f"note: {a.name} edits the first {n} of the {len(frames)} frames")
         frames = frames[:n]
         mask = mask[:n] if isinstance(mask, list) else mask
     resolved = editor.resolve(settings)  # once: blocks against this model, before any work
     size = a.prepare_image(frames[0], args.resize).size
-    print(_plan(editor, resolved, n, size, fps, recon_path is not None), flush=True)
+    _say(_plan(editor, resolved, n, size, fps, recon_path is not None))
     out = editor.edit(
         frames,
         args.source,
@@ -332,13 +426,13 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     for clip, path in zip(out.videos, outs, strict=True):
-        write_video(clip, path, fps)
+        _write(path, lambda clip=clip, path=path: write_video(clip, path, fps))
     if recon_path is not None:
-        write_video(out.reconstruction, recon_path, fps)
+        _write(recon_path, lambda: write_video(out.reconstruction, recon_path, fps))
         outs.append(recon_path)
     if size != frames[0].size:
         (w, h), (sw, sh) = frames[0].size, size
-        print(f"note: the {w}x{h} frames were cropped or resized to {sw}x{sh}, a size this model takes")
+        _say(f"note: the {w}x{h} frames were cropped or resized to {sw}x{sh}, a size this model takes")
     masked = ", masked" if args.mask else ""
     _report(
         f"edit video ({out.settings.solver}, {out.settings.num_steps} steps, {len(out.videos[0])} frames, "
@@ -350,6 +444,9 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
 
 def _pass(args: argparse.Namespace):
     """Checked settings, a checked model and the loaded image for ``reconstruct`` and ``invert``."""
+    _check_input(args)
+    if not args.prompt.strip():
+        raise UsageError("prompt is empty; describe the image with -p")
     settings = check_edit_options(args)
     check_model_options(args)
     return settings, load_image(args.image, args.max_pixels)
@@ -363,7 +460,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     s = editor.resolve(settings, "reconstruct")
     run = dict(resize=args.resize, max_pixels=args.max_pixels, progress=not args.quiet)
     out = editor.reconstruct(image, args.prompt, s, **run)
-    save_image_atomic(out.image, out_path)
+    _write(out_path, lambda: save_image_atomic(out.image, out_path))
     _report(f"reconstruct ({s.solver}, {s.num_steps} steps)", out, [out_path], image)
 
 
@@ -381,7 +478,7 @@ def cmd_invert(args: argparse.Namespace) -> None:
     meta = {k: str(getattr(s, k)) for k in ("num_steps", "inversion_guidance", "solver")}
     meta.update(prompt=args.prompt, height=str(out.source.height), width=str(out.source.width))
     tensors = {"latents": out.latents.detach().to("cpu", torch.float32).contiguous()}
-    atomic_write(out_path, lambda f: f.write(save(tensors, metadata=meta)))
+    _write(out_path, lambda: atomic_write(out_path, lambda f: f.write(save(tensors, metadata=meta))))
     _report(f"invert ({s.solver}, {s.num_steps} steps)", out, [out_path])
 
 
@@ -392,24 +489,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive number of pixels, got {value}")
+    given = {flag: v for flag, v in (("--height", args.height), ("--width", args.width)) if v is not None}
+    _check_size(given, args.max_pixels)  # a side not given is the model's: checked again once it is known
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     check_model_options(args)
     out_path = _output(args.output, IMAGE_SUFFIXES)
     editor = load_editor(args)
     g = editor.adapter.default_geometry(args.height, args.width)
+    _check_size({"--height": g.height, "--width": g.width}, args.max_pixels)  # before the schedule (overflows)
     try:
         editor.adapter.check_geometry(g)
     except ValueError as e:
         raise UsageError(str(e).replace("height ", "--height ", 1).replace("width ", "--width ", 1)) from None
     s = editor.resolve(settings, "generate")
     out = editor.generate(args.prompt, s, height=g.height, width=g.width, seed=args.seed, progress=not args.quiet)
-    save_image_atomic(out.images[0], out_path)
+    _write(out_path, lambda: save_image_atomic(out.images[0], out_path))
     _report(f"generate ({s.solver}, {s.num_steps} steps)", out, [out_path])
 
 
+def _check_size(sides: dict[str, int], limit: int) -> None:
+    """``generate``'s size against ``--max-pixels``: ``sides`` maps --height/--width to pixels."""
+    pixels = math.prod(sides.values())
+    if pixels > limit:
+        named = " ".join(f"{flag} {v}" for flag, v in sides.items())
+        raise UsageError(f"{named}: {pixels} pixels, more than the limit of {limit} (--max-pixels); use a smaller size")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fireflow", description="FireFlow image editing with rectified flows")
+    parser = _Parser(prog="fireflow", description="FireFlow image editing with rectified flows")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("edit", help="edit an image or a video from a source prompt to a target prompt")
@@ -460,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="generated.png")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="a whole number from 0 to 2**63 - 1 (default 0)")
+    add_max_pixels(p, "sizes")
     knobs.add_verb_arguments(p, "generate")
     add_model_options(p)
     _add_run_options(p)
@@ -475,12 +584,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A value that starts like a negative number ("-1,1,1", "-1e6", "-inf"), which argparse would
+#: take for an option after a flag: only plain negative numbers ("-1", "-.5") reach the flag.
+_NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--ratios -1,1,1`` as ``--ratios=-1,1,1``, so that the value reaches its check and is refused
+    for what it is (a negative ratio) rather than as a missing argument."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":  # what follows is positional
+            return out + argv[i:]
+        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def _argv_text(text: str) -> str:
+    """A prompt from the command line as text. In an ASCII locale Python keeps the bytes it cannot
+    decode as lone surrogates (PEP 383), which a tokenizer refuses; such bytes are UTF-8 in practice."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "replace")
+    return text
+
+
+def _silence_stdout() -> None:
+    """After stdout failed: point it at the null device, so that the interpreter's flush at exit
+    does not print a second error ("Exception ignored ...") for what is already said."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in a test)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     from fireflow.models import ModelLoadError, ModelNotFoundError
 
+    for name in ("source", "prompt"):
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, _argv_text(getattr(args, name)))
+    if isinstance(getattr(args, "target", None), list):
+        args.target = [_argv_text(t) for t in args.target]
     try:
         args.func(args)
+        if sys.stdout is not None:
+            try:
+                sys.stdout.flush()
+            except OSError as e:
+                raise StdoutError(f"cannot write to stdout: {e.strerror or e}") from None
+    except WriteError as e:
+        if isinstance(e, StdoutError):
+            _silence_stdout()
+        print(f"fireflow {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except SettingError as e:
         print(f"fireflow {args.command}: error: {e.worded('flag')}", file=sys.stderr)
         return 2

@@ -134,6 +134,21 @@ def _media(pixels: torch.Tensor, video: bool) -> dict[str, Any]:
     return {"images": to_pil(pixels[:, 0])}
 
 
+def _prompts(name: str, value: Any, many: bool = False) -> list[str]:
+    """A prompt argument as a list of non-empty strings, checked before any model call: the wrong
+    type is a TypeError, an empty prompt a ValueError, each naming the argument."""
+    accepted = "a str or a non-empty list of str" if many else "a str"
+    items = [value] if isinstance(value, str) else list(value) if many and isinstance(value, (list, tuple)) else None
+    bad = [p for p in (items if items is not None else [value]) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name} must be {accepted}, got {type(bad[0]).__name__}")
+    if not items:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    if not all(p.strip() for p in items):
+        raise ValueError(f"{name} must be non-empty text, got {value!r:.80}")
+    return items
+
+
 def _split(kwargs: Mapping[str, Any], verb: str, prefixes: Sequence[str] = ("",)):
     """A latent-level call's keywords: knobs by API name, and conditioning by diffusers' names."""
     knobs = {k: v for k, v in kwargs.items() if k in VERB_KNOBS[verb]}
@@ -485,6 +500,10 @@ class FireFlowEditor:
         ``target_prompt``, or to several targets at once (one inversion; ``out.images`` has one
         result per target).
 
+        image: a path, PIL image or array (HxW or HxWxC; uint8, uint16, or float in [0, 1]: a float
+            array outside [0, 1], one with NaN or infinite values, or an empty one is a ValueError;
+            give 0..255 as uint8). Prompts that are not text are a TypeError, empty ones a
+            ValueError: all of it before any model call.
         settings: an :class:`EditSettings` (or resolved settings); ``overrides`` set knobs by API
             name on top of it: ``num_steps``, ``inject``, ``guidance``, ``inversion_guidance``,
             ``solver``, ``strategy``, ``blocks``, ``ratios``, ``feature_device`` (see
@@ -500,9 +519,8 @@ class FireFlowEditor:
         resize: (width, height) before the model's own crop or resize.
         """
         s = self.resolve(settings, **overrides)  # every knob checked before any image or text work
-        targets = [target_prompt] if isinstance(target_prompt, str) else target_prompt
-        if not isinstance(targets, (list, tuple)) or not targets:
-            raise ValueError(f"target_prompt must be a string or a non-empty list of strings, got {target_prompt!r}")
+        source_prompt = _prompts("source_prompt", source_prompt)[0]
+        targets = _prompts("target_prompt", target_prompt, many=True)
         if paste_pixels and mask is None:
             raise ValueError("paste_pixels needs a mask: the pixels outside the mask are pasted")
         start = time.perf_counter()
@@ -584,6 +602,7 @@ class FireFlowEditor:
         Knobs: ``num_steps``, ``inversion_guidance``, ``solver``."""
         start = time.perf_counter()
         s = self.resolve(settings, "invert", **overrides)
+        prompt = _prompts("prompt", prompt)[0]
         frames, g, _, _, noise, cost = self._invert_image(image, prompt, s, resize, max_pixels, progress)
         return InversionOutput(
             settings=s,
@@ -609,6 +628,7 @@ class FireFlowEditor:
         the result is to the source measures the inversion alone. Knobs as for :meth:`invert`."""
         start = time.perf_counter()
         s = self.resolve(settings, "reconstruct", **overrides)
+        prompt = _prompts("prompt", prompt)[0]
         frames, g, cond, ts, noise, cost = self._invert_image(image, prompt, s, resize, max_pixels, progress)
         latents, back = self._solve(noise, cond, ts, s.solver, progress=progress and "sampling")
         cost.add(back)
@@ -643,7 +663,7 @@ class FireFlowEditor:
         start = time.perf_counter()
         a = self.adapter
         s = self.resolve(settings, "generate", **overrides)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompts("prompt", prompt, many=True)
         g = a.default_geometry(height, width, num_frames)
         a.check_geometry(g)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):

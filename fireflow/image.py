@@ -29,16 +29,19 @@ class ImageTooLarge(ImageError):
 def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open ``image`` as an 8-bit RGB PIL image with its EXIF orientation applied.
 
-    RGBA and LA are composited on white; palette, grayscale, CMYK and 16-bit modes are converted.
-    Arrays may be HxW or HxWxC (C = 1, 3, 4), uint8, uint16, or float in [0, 1].
+    RGBA and LA are composited on white; palette, grayscale, CMYK, 16-bit and float modes are
+    converted (see :func:`to_rgb`). Arrays may be HxW or HxWxC (C = 1, 3, 4), uint8, uint16, or
+    float in [0, 1] (a float array outside it is refused: give 0..255 as uint8). An empty image, or
+    one with NaN or infinite values, is refused.
 
     A file is sized from its header and refused before any pixel is decoded when it has more than
     ``max_pixels`` pixels (None: no limit of ours; Pillow's decompression-bomb limit still holds).
     Every refusal, whatever the size, is one :class:`ImageTooLarge` of the same wording. ``name``
     replaces "image '<path>'" in messages (a server does not show its paths).
     """
-    what = name or "image"
-    if isinstance(image, (str, os.PathLike)):
+    is_path = isinstance(image, (str, os.PathLike))
+    what = name or (f"image {str(image)!r}" if is_path else "image")
+    if is_path:
         pil = _open_file(Path(image), max_pixels, name)
     elif isinstance(image, Image.Image):
         check_pixels(image.size, max_pixels, what)
@@ -48,7 +51,9 @@ def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS, name: str
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; accepted: path, PIL.Image, numpy array")
     check_pixels(pil.size, max_pixels, what)
-    return to_rgb(pil)
+    if 0 in pil.size:
+        raise ImageError(f"{what} is {pil.width}x{pil.height}: empty; an image needs at least 1x1 pixels")
+    return to_rgb(pil, what)
 
 
 #: Largest number of frames a clip may have (a guard like ``max_pixels``, counted before decoding).
@@ -97,6 +102,8 @@ def too_large(
 def _open_file(path: Path, max_pixels: int | None, name: str | None = None) -> Image.Image:
     """Decode ``path`` only after its header says it is small enough."""
     what = name or f"image {str(path)!r}"
+    if path.is_dir():
+        raise ImageError(f"{what} is a folder, not an image file")
     if not path.is_file():
         raise ImageError(f"{what} not found")
     # Pillow's own guard sits at 2 x Image.MAX_IMAGE_PIXELS; ours is usually far lower, and the
@@ -167,12 +174,16 @@ def _header_size(path) -> tuple[int, int] | None:
     return None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; transparency goes on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency goes on white.
+
+    Wide grayscale modes are scaled by the range they hold: 16-bit ("I;16*") by 65535; 32-bit
+    integer ("I") by 255 when every value fits 8 bits, else by 65535; float ("F", e.g. a float
+    TIFF) by 1 when its values lie in [0, 1], else as "I". Values below 0 or above 65535, NaN and
+    infinities are refused (:class:`ImageError`, ``what`` naming the image).
+    """
+    if image.mode in ("F", "I") or image.mode.startswith("I;16"):
+        image = Image.fromarray(_wide_to_8bit(image, what), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -182,14 +193,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _wide_to_8bit(image: Image.Image, what: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image as uint8, scaled as :func:`to_rgb` says."""
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ImageError(f"{what} contains NaN or infinite values")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        peak = 65535.0  # its bit depth says the range; a dark 16-bit image stays dark
+    elif lo < 0 or hi > 65535:
+        kind = "float" if image.mode == "F" else "32-bit integer"
+        raise ImageError(f"{what} has {kind} values from {lo:g} to {hi:g}; accepted: 0..1 (float), 0..255 or 0..65535")
+    elif image.mode == "F" and hi <= 1:
+        peak = 1.0
+    else:
+        peak = 255.0 if hi <= 255 else 65535.0
+    return np.clip(arr / peak * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+#: Float arrays may stray this far outside [0, 1] (rounding in the caller's arithmetic) and are
+#: clipped: less than half an 8-bit level, so the clipped value is the level it would round to.
+_FLOAT_SLACK = 0.5 / 255
+
+
 def _from_array(arr: np.ndarray) -> Image.Image:
+    shape = arr.shape
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ImageError(f"array of shape {arr.shape} is not an image; accepted: HxW or HxWxC with C in 1, 3, 4")
+        raise ImageError(f"array of shape {shape} is not an image; accepted: HxW or HxWxC with C in 1, 3, 4")
+    if arr.size == 0:
+        raise ImageError(f"array of shape {shape} is empty; an image needs at least 1x1 pixels")
     if arr.dtype == np.uint16:
         arr = (arr.astype(np.float64) / 65535.0 * 255 + 0.5).astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError("image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
+            raise ImageError(
+                f"float array values span {lo:g}..{hi:g}; float arrays must be in [0, 1] (uint8 for 0..255)"
+            )
         arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
     elif arr.dtype != np.uint8:
         raise ImageError(f"array dtype {arr.dtype} not supported; accepted: uint8, uint16, float in [0, 1]")

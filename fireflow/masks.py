@@ -6,7 +6,6 @@ White (or True, or nonzero) marks the region to edit; everything else is kept.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +26,6 @@ def load_mask(mask: MaskInput, size: tuple[int, int]) -> np.ndarray:
     """
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
-    if isinstance(mask, (str, os.PathLike)) and not Path(mask).is_file():
-        raise ImageError(f"mask {str(mask)!r} not found")
     if isinstance(mask, np.ndarray):
         arr = mask.squeeze()
         if arr.ndim != 2:
@@ -44,7 +41,9 @@ def load_mask(mask: MaskInput, size: tuple[int, int]) -> np.ndarray:
         else:
             raise ImageError(f"mask dtype {arr.dtype} not supported; accepted: bool, integer, float in [0, 1]")
     else:
-        gray = np.asarray(load_image(mask, max_pixels=None).convert("L"))
+        # A path's errors (not found, a folder, not an image) name the mask, not "image".
+        name = f"mask {str(mask)!r}" if isinstance(mask, (str, os.PathLike)) else "mask"
+        gray = np.asarray(load_image(mask, max_pixels=None, name=name).convert("L"))
         m = gray >= 128
     w, h = size
     if m.shape != (h, w):

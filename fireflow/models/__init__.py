@@ -156,7 +156,17 @@ def describe(model: str | os.PathLike) -> tuple[str, Path | None]:
 
     if str(model) in BUNDLED_NAMES:
         return "bundled", None
-    folder = resolve_model_path(model)
+    if Path(model).expanduser().is_file():  # else "no such folder", which a file the user can see is not
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is a file; accepted: a diffusers model folder, a Hub id in the HF cache, "
+            f"or one of {'/'.join(BUNDLED_NAMES)}"
+        )
+    try:
+        folder = resolve_model_path(model)
+    except ModelNotFoundError as e:
+        if str(model).lower() in BUNDLED_NAMES:  # "Scenes": the names are lower case
+            raise ModelNotFoundError(f"{e}; did you mean {str(model).lower()!r}?") from None
+        raise
     if is_demo_folder(folder):
         return "bundled", folder
     kind, _ = read_config(folder)
