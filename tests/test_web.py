@@ -117,8 +117,9 @@ class Server:
         return sorted(p for p in (self.workdir() / "gradio").glob("*/*") if p.is_file())
 
 
-def _start_server(model: str, folder: Path, *extra: str) -> Server:
-    """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /."""
+def _start_server(model: str, folder: Path, *extra: str, launcher: tuple[str, ...] = ("-m", "fireflow")) -> Server:
+    """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /.
+    ``launcher``: what runs instead of ``-m fireflow`` (a script that wraps the CLI)."""
     port = _free_port()
     tmp = folder / "tmp"
     tmp.mkdir()
@@ -132,7 +133,7 @@ def _start_server(model: str, folder: Path, *extra: str) -> Server:
         "TMPDIR": str(tmp),
     }
     env.pop("GRADIO_TEMP_DIR", None)
-    cmd = [sys.executable, "-m", "fireflow", "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
+    cmd = [sys.executable, *launcher, "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
     cmd += ["--port", str(port), "--max-pixels", str(MAX_PIXELS), *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -64,8 +64,7 @@ def build_app(
     workdir.mkdir(parents=True, exist_ok=True)
     if examples is None:
         examples = default_examples(workdir / "examples", getattr(editor, "model_name", "demo"))
-    made: list = []  # the Blocks, for the handlers to see whether their client has gone
-    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir, app=made)
+    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
     has_guidance = editor.adapter.guidance_kind != "none"
@@ -88,7 +87,6 @@ def build_app(
         return gr.Number(value, label=k.label, min_width=90, elem_id=elem_id, info=info)
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
-        made.append(app)
         gr.Markdown(
             f"## {html.escape(title)}\n"
             "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
