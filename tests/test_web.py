@@ -519,6 +519,33 @@ def test_error_clears_the_previous_result(open_page, editor, photo):
     assert page.locator("#download").is_enabled()
 
 
+@needs_browser
+def test_bad_mask_upload_after_an_edit(open_page, photo, tmp_path):
+    """A text file named like a PNG as the mask, after a good edit: the page's own one-line error (no
+    framework text, no server path), and the earlier result and its download are gone."""
+    p = open_page()
+    page = p.page
+    p.upload(photo)
+    p.fill("source", "a red circle")
+    p.fill("target", "a yellow circle")
+    p.edit()
+    assert page.locator("#out-edit img").count() == 1 and page.locator("#download").is_enabled()
+
+    bad = tmp_path / "mask.png"
+    bad.write_text("this is not a mask\n")
+    page.locator("#mask-panel").get_by_text("Mask: edit one region only").click()
+    page.locator("#mask-upload input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("() => document.querySelector('#mask-upload img')")  # uploaded: it is the value
+    line = p.edit_expecting_error("The mask upload cannot be used")
+    assert line == "Cannot edit: The mask upload cannot be used: it is not an image this server can read.", line
+    text = page.locator("body").inner_text()
+    assert "preprocess" not in text and "/tmp" not in text and "Traceback" not in text, text
+    for elem_id in ("out-edit", "out-source"):
+        assert page.locator(f"#{elem_id} img").count() == 0, f"{elem_id} still shows the previous edit"
+    assert not page.locator("#download").is_enabled(), "the download still offers the previous edit"
+    assert page.locator(".toast-body").count() == 0
+
+
 #: Values that used to be accepted silently (or froze the server), and the page's message for each.
 HOSTILE_KNOBS = (
     ({"guidance": -5}, "Guidance must be a finite number between 0 and 100, got -5"),
