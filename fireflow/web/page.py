@@ -80,7 +80,7 @@ def build_app(
                 [*STRATEGIES, "replace_v add_k"], value=value, label=k.label, allow_custom_value=True, elem_id=elem_id
             )
         if k.choices:
-            return gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id)
+            return _raw_text(gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id))
         if isinstance(value, str):
             return _raw_text(gr.Textbox(value, label=k.label, elem_id=elem_id, info=info))
         # No precision: a step count of 2.5 must reach the check and be refused, not be rounded to 2.
@@ -223,10 +223,22 @@ def _undecoded(gr: Any, image: gr.Image) -> gr.Image:
 
 
 def _raw_text(box: Any) -> Any:
-    """``box`` handing on what was sent when it is not text (a list, a number), for the edit to refuse
-    with its own message; Gradio's Textbox would turn it into text."""
+    """``box`` (a Textbox, a Dropdown) handing on what was sent when it is not text (a list, a number)
+    or not among the choices, for the edit to refuse with its own message naming the page's label:
+    a Textbox would turn it into text, a Dropdown refuse it with Gradio's message."""
+    from gradio.exceptions import Error
+
     stock = box.preprocess
-    box.preprocess = lambda payload: stock(payload) if isinstance(payload, str) or payload is None else payload
+
+    def preprocess(payload: Any) -> Any:
+        if not isinstance(payload, str):
+            return None if payload is None else payload
+        try:
+            return stock(payload)
+        except Error:
+            return payload
+
+    box.preprocess = preprocess
     return box
 
 

@@ -85,7 +85,7 @@ class RequestGuard:
                 return
             self.joining[host] = self.joining.get(host, 0) + 1
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, _own_parse_error(send))
             finally:
                 self.joining[host] -= 1
                 if not self.joining[host]:
@@ -136,6 +136,30 @@ def queued_by(blocks: Any, host: str) -> int:
         if client is not None and getattr(client, "host", None) == host:
             n += 1
     return n
+
+
+#: In place of FastAPI's "There was an error parsing the body": what Python's JSON parser refuses
+#: though the JSON is well formed.
+UNREADABLE_REQUEST = "The edit request cannot be read: a number in it has more than 4300 digits, or it nests too deep."
+
+
+def _own_parse_error(send: Any) -> Any:
+    """``send``, with FastAPI's 400 for a body its JSON parser gave up on replaced by :data:`UNREADABLE_REQUEST`."""
+    held: list[dict] = []
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held.append(message)  # until its body shows what it is
+            return
+        if held and message["type"] == "http.response.body":
+            start = held.pop()
+            if b"There was an error parsing the body" in message.get("body", b""):
+                await _plain(send, 400, UNREADABLE_REQUEST)
+                return
+            await send(start)
+        await send(message)
+
+    return wrapped
 
 
 async def _plain(send: Any, status: int, text: str) -> None:
