@@ -933,6 +933,43 @@ def test_bad_serve_options_are_one_line(argv, message, capsys, tmp_path):
     assert len(err) == 1 and message in err[0], err
 
 
+@needs_gradio
+@pytest.mark.parametrize("name", ["demo", "scenes"])
+def test_the_page_describes_its_model(name, tmp_path):
+    """The note says what the bundled model was trained on and how its prompts read (checked against
+    its training set); the prompt boxes show one of its prompts; the brush is an eighth of the
+    gallery's images wide on either (radius 8 image pixels on the 128-pixel emoji, 2 on the 32-pixel scenes)."""
+    from fireflow import FireFlowEditor
+    from fireflow.web.page import MODEL_NOTES, build_app
+    from fireflow.web.results import default_examples
+
+    editor = FireFlowEditor.from_pretrained(name, device="cpu", torch_dtype="fp32")
+    app = build_app(editor, workdir=tmp_path)
+    props = [c.get("props", {}) for c in app.config["components"]]
+    header = next(p["value"] for p in props if "Model:" in str(p.get("value")))
+    assert f"Model: `{name}`. {MODEL_NOTES[name]}" in header
+    assert f"*Note: {name} model: images are resized to 32x32 (the resolution it was trained at).*" in header
+    if name == "scenes":
+        from research.bundled import scenes as S
+
+        assert f"one of {len(S.OBJECT_NAMES)} emoji" in header and "`<object>, <background> background`" in header
+        assert ", ".join(S.BACKGROUND_NAMES[:-1]) + f" or {S.BACKGROUND_NAMES[-1]}" in header
+        assert all(f"{S.FAMILIES.count(f)} " in header for f in set(S.FAMILIES))
+        form = re.compile(rf"({'|'.join(S.OBJECT_NAMES)}), ({'|'.join(S.BACKGROUND_NAMES)}) background")
+    else:
+        from research.bundled import emoji
+
+        assert f"knows {len(emoji.load())} emoji by name" in header
+        form = re.compile("|".join(map(re.escape, emoji.load().prompts)))
+    examples = default_examples(tmp_path, name)
+    assert examples and all(form.fullmatch(e.source) and form.fullmatch(e.target) for e in examples)
+    boxes = {p.get("elem_id"): p for p in props}
+    assert boxes["source"]["placeholder"] == f"what the image shows, e.g. “{examples[0].source}”"
+    assert boxes["target"]["placeholder"] == f"what it should show, e.g. “{examples[0].target}”"
+    with Image.open(examples[0].image) as im:
+        assert 2 * boxes["mask-editor"]["brush"]["default_size"] / im.width == 1 / 8
+
+
 @needs_browser
 def test_mask_painter_edits_only_the_painted_region(open_page, photo):
     """Paint a stroke over the source in the page: the edit changes there and nowhere else."""
