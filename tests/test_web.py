@@ -992,6 +992,9 @@ def test_mask_painter_edits_only_the_painted_region(open_page, photo):
     p.fill("target", "a yellow circle")
     info = p.edit()
     assert "masked:" in info, info
+    # The brush is 8 image pixels in radius (page.brush_size): a 16-pixel stroke down 0.4 of this
+    # 64-pixel image covers about 15% of it; were it screen pixels, about 2%.
+    assert 8 <= int(re.search(r"masked: (\d+)%", info)[1]) <= 30, info
     edit, source = p.image("out-edit").astype(int), p.image("out-source").astype(int)
     changed = np.abs(edit - source).max(axis=2) > 0
     w = changed.shape[1]
