@@ -491,18 +491,23 @@ def test_validation_messages(open_page, photo, tmp_path):
     assert page.locator(".toast-body").count() == 0  # the messages are in the page, not in vanishing toasts
 
 
-@needs_browser
-def test_error_clears_the_previous_result(open_page, editor, photo):
-    """After a good edit, a bad one leaves no stale result or download on screen; the error stays until
-    the next edit, which brings the result back."""
+def _after_an_edit(open_page, photo: Path) -> Page:
+    """A page showing a good edit of ``photo`` and offering its download."""
     p = open_page()
-    page = p.page
     p.upload(photo)
     p.fill("source", "a red circle")
     p.fill("target", "a yellow circle")
     p.edit()
-    assert page.locator("#out-edit img").count() == 1
-    assert page.locator("#download").is_enabled()
+    assert p.page.locator("#out-edit img").count() == 1 and p.page.locator("#download").is_enabled()
+    return p
+
+
+@needs_browser
+def test_error_clears_the_previous_result(open_page, editor, photo):
+    """After a good edit, a bad one leaves no stale result or download on screen; the error stays until
+    the next edit, which brings the result back."""
+    p = _after_an_edit(open_page, photo)
+    page = p.page
 
     p.fill("blocks", "abc")
     p.edit_expecting_error("Blocks 'abc': bad item 'abc'")
@@ -523,13 +528,8 @@ def test_error_clears_the_previous_result(open_page, editor, photo):
 def test_bad_mask_upload_after_an_edit(open_page, photo, tmp_path):
     """A text file named like a PNG as the mask, after a good edit: the page's own one-line error (no
     framework text, no server path), and the earlier result and its download are gone."""
-    p = open_page()
+    p = _after_an_edit(open_page, photo)
     page = p.page
-    p.upload(photo)
-    p.fill("source", "a red circle")
-    p.fill("target", "a yellow circle")
-    p.edit()
-    assert page.locator("#out-edit img").count() == 1 and page.locator("#download").is_enabled()
 
     bad = tmp_path / "mask.png"
     bad.write_text("this is not a mask\n")

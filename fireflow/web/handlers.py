@@ -177,12 +177,17 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=None, visible=False),
         )
 
-    def page(*inputs: Any) -> tuple:
+    def edit(*inputs: Any) -> tuple:
+        """``run``, or nothing once the client has gone (nobody is there to see it)."""
         try:
             return run(*inputs)
         except EditCancelled as e:
             print(f"fireflow serve: {e}", file=sys.stderr)
             return cleared("")
+
+    def page(*inputs: Any) -> tuple:
+        try:
+            return edit(*inputs)
         except EditError as e:
             return cleared(error_html(str(e)))
         except Exception as e:  # noqa: BLE001 - the page must say something, and keep serving
@@ -191,10 +196,7 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
 
     def api(*inputs: Any) -> tuple:
         try:
-            return run(*inputs)
-        except EditCancelled as e:
-            print(f"fireflow serve: {e}", file=sys.stderr)
-            return cleared("")
+            return edit(*inputs)
         except EditError as e:  # plain text: an API client gets the message as written, no HTML entities
             raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
 
