@@ -117,8 +117,9 @@ class Server:
         return sorted(p for p in (self.workdir() / "gradio").glob("*/*") if p.is_file())
 
 
-def _start_server(model: str, folder: Path, *extra: str) -> Server:
-    """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /."""
+def _start_server(model: str, folder: Path, *extra: str, launcher: tuple[str, ...] = ("-m", "fireflow")) -> Server:
+    """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /.
+    ``launcher``: what runs instead of ``-m fireflow`` (a script that wraps the CLI)."""
     port = _free_port()
     tmp = folder / "tmp"
     tmp.mkdir()
@@ -132,7 +133,7 @@ def _start_server(model: str, folder: Path, *extra: str) -> Server:
         "TMPDIR": str(tmp),
     }
     env.pop("GRADIO_TEMP_DIR", None)
-    cmd = [sys.executable, "-m", "fireflow", "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
+    cmd = [sys.executable, *launcher, "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
     cmd += ["--port", str(port), "--max-pixels", str(MAX_PIXELS), *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -490,18 +491,23 @@ def test_validation_messages(open_page, photo, tmp_path):
     assert page.locator(".toast-body").count() == 0  # the messages are in the page, not in vanishing toasts
 
 
-@needs_browser
-def test_error_clears_the_previous_result(open_page, editor, photo):
-    """After a good edit, a bad one leaves no stale result or download on screen; the error stays until
-    the next edit, which brings the result back."""
+def _after_an_edit(open_page, photo: Path) -> Page:
+    """A page showing a good edit of ``photo`` and offering its download."""
     p = open_page()
-    page = p.page
     p.upload(photo)
     p.fill("source", "a red circle")
     p.fill("target", "a yellow circle")
     p.edit()
-    assert page.locator("#out-edit img").count() == 1
-    assert page.locator("#download").is_enabled()
+    assert p.page.locator("#out-edit img").count() == 1 and p.page.locator("#download").is_enabled()
+    return p
+
+
+@needs_browser
+def test_error_clears_the_previous_result(open_page, editor, photo):
+    """After a good edit, a bad one leaves no stale result or download on screen; the error stays until
+    the next edit, which brings the result back."""
+    p = _after_an_edit(open_page, photo)
+    page = p.page
 
     p.fill("blocks", "abc")
     p.edit_expecting_error("Blocks 'abc': bad item 'abc'")
@@ -516,6 +522,28 @@ def test_error_clears_the_previous_result(open_page, editor, photo):
     assert "Cannot edit" not in info and _nfe(info) == 18
     _assert_same(p.image("out-edit"), editor.edit(photo, "a red circle", "a yellow circle").image, "edit")
     assert page.locator("#download").is_enabled()
+
+
+@needs_browser
+def test_bad_mask_upload_after_an_edit(open_page, photo, tmp_path):
+    """A text file named like a PNG as the mask, after a good edit: the page's own one-line error (no
+    framework text, no server path), and the earlier result and its download are gone."""
+    p = _after_an_edit(open_page, photo)
+    page = p.page
+
+    bad = tmp_path / "mask.png"
+    bad.write_text("this is not a mask\n")
+    page.locator("#mask-panel").get_by_text("Mask: edit one region only").click()
+    page.locator("#mask-upload input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("() => document.querySelector('#mask-upload img')")  # uploaded: it is the value
+    line = p.edit_expecting_error("The mask upload cannot be used")
+    assert line == "Cannot edit: The mask upload cannot be used: it is not an image this server can read.", line
+    text = page.locator("body").inner_text()
+    assert "preprocess" not in text and "/tmp" not in text and "Traceback" not in text, text
+    for elem_id in ("out-edit", "out-source"):
+        assert page.locator(f"#{elem_id} img").count() == 0, f"{elem_id} still shows the previous edit"
+    assert not page.locator("#download").is_enabled(), "the download still offers the previous edit"
+    assert page.locator(".toast-body").count() == 0
 
 
 #: Values that used to be accepted silently (or froze the server), and the page's message for each.
@@ -905,6 +933,43 @@ def test_bad_serve_options_are_one_line(argv, message, capsys, tmp_path):
     assert len(err) == 1 and message in err[0], err
 
 
+@needs_gradio
+@pytest.mark.parametrize("name", ["demo", "scenes"])
+def test_the_page_describes_its_model(name, tmp_path):
+    """The note says what the bundled model was trained on and how its prompts read (checked against
+    its training set); the prompt boxes show one of its prompts; the brush is an eighth of the
+    gallery's images wide on either (radius 8 image pixels on the 128-pixel emoji, 2 on the 32-pixel scenes)."""
+    from fireflow import FireFlowEditor
+    from fireflow.web.page import MODEL_NOTES, build_app
+    from fireflow.web.results import default_examples
+
+    editor = FireFlowEditor.from_pretrained(name, device="cpu", torch_dtype="fp32")
+    app = build_app(editor, workdir=tmp_path)
+    props = [c.get("props", {}) for c in app.config["components"]]
+    header = next(p["value"] for p in props if "Model:" in str(p.get("value")))
+    assert f"Model: `{name}`. {MODEL_NOTES[name]}" in header
+    assert f"*Note: {name} model: images are resized to 32x32 (the resolution it was trained at).*" in header
+    if name == "scenes":
+        from research.bundled import scenes as S
+
+        assert f"one of {len(S.OBJECT_NAMES)} emoji" in header and "`<object>, <background> background`" in header
+        assert ", ".join(S.BACKGROUND_NAMES[:-1]) + f" or {S.BACKGROUND_NAMES[-1]}" in header
+        assert all(f"{S.FAMILIES.count(f)} " in header for f in set(S.FAMILIES))
+        form = re.compile(rf"({'|'.join(S.OBJECT_NAMES)}), ({'|'.join(S.BACKGROUND_NAMES)}) background")
+    else:
+        from research.bundled import emoji
+
+        assert f"knows {len(emoji.load())} emoji by name" in header
+        form = re.compile("|".join(map(re.escape, emoji.load().prompts)))
+    examples = default_examples(tmp_path, name)
+    assert examples and all(form.fullmatch(e.source) and form.fullmatch(e.target) for e in examples)
+    boxes = {p.get("elem_id"): p for p in props}
+    assert boxes["source"]["placeholder"] == f"what the image shows, e.g. “{examples[0].source}”"
+    assert boxes["target"]["placeholder"] == f"what it should show, e.g. “{examples[0].target}”"
+    with Image.open(examples[0].image) as im:
+        assert 2 * boxes["mask-editor"]["brush"]["default_size"] / im.width == 1 / 8
+
+
 @needs_browser
 def test_mask_painter_edits_only_the_painted_region(open_page, photo):
     """Paint a stroke over the source in the page: the edit changes there and nowhere else."""
@@ -927,6 +992,9 @@ def test_mask_painter_edits_only_the_painted_region(open_page, photo):
     p.fill("target", "a yellow circle")
     info = p.edit()
     assert "masked:" in info, info
+    # The brush is 8 image pixels in radius (page.brush_size): a 16-pixel stroke down 0.4 of this
+    # 64-pixel image covers about 15% of it; were it screen pixels, about 2%.
+    assert 8 <= int(re.search(r"masked: (\d+)%", info)[1]) <= 30, info
     edit, source = p.image("out-edit").astype(int), p.image("out-source").astype(int)
     changed = np.abs(edit - source).max(axis=2) > 0
     w = changed.shape[1]

@@ -210,7 +210,7 @@ def check_knobs(editor: FireFlowEditor, **values: Any) -> ResolvedSettings:
             raise EditError(f"{label} must be a number, got {type(value).__name__}.")
     n = values["num_steps"]
     if isinstance(n, (int, float)) and not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_STEPS):
-        shown = int(n) if math.isfinite(n) and n == int(n) else n
+        shown = int(n) if math.isfinite(n) and n == int(n) and abs(n) < 1e15 else n  # 1e+300, not 301 digits
         label = KNOBS["num_steps"].label
         raise EditError(f"{label} must be a whole number between 1 and {MAX_STEPS} on this server, got {shown}.")
     settings = EditSettings.from_values(values, ignore_none=False)

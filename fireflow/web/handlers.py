@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import sys
 import traceback
@@ -32,34 +33,66 @@ from fireflow.web.results import save_result
 if TYPE_CHECKING:
     from fireflow.editor import FireFlowEditor
 
+
 class EditCancelled(Exception):
-    """The client of an edit has gone: raised between model calls, the edit stops there."""
+    """The client of an edit has gone: raised before the next model call, the edit stops there."""
 
 
-def client_gone(app: Any, request: Any) -> bool:
-    """Whether Gradio has marked every running job of this request's session as abandoned (its
-    client closed the tab or dropped the event stream: Gradio sets ``alive`` False on them)."""
-    queue = getattr(app, "_queue", None)
-    session = getattr(request, "session_hash", None)
-    if queue is None or session is None:
+def client_gone(blocks: Any, event_id: str | None) -> bool:
+    """Whether Gradio has given up the running job ``event_id``, which it never stops itself.
+
+    A dropped event stream (a closed tab, a killed client): Gradio's stream route sees the
+    disconnect at once (Starlette cancels the stream) and sets ``alive`` False on the session's
+    events. A cancel (``POST /cancel``, gradio_client's ``job.cancel()``): Gradio cancels the job's
+    task, which frees its worker slot and leaves the handler's thread running, so the job is no
+    longer among the active ones (and the next job may already be running in its place).
+    """
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
         return False
-    mine = [e for job in list(queue.active_jobs) if job for e in job if e.session_hash == session]
-    return bool(mine) and not any(e.alive for e in mine)
+    mine = [e for job in list(queue.active_jobs) if job for e in job if getattr(e, "_id", None) == event_id]
+    return not mine or not any(e.alive for e in mine)
 
 
-def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Path, app: list | None = None):
+def _current_event() -> tuple[Any, str | None]:
+    """The Blocks and the queue's id of the event this handler runs for (None, None outside Gradio).
+    Gradio puts both in context variables for the handler's thread, as gr.Progress and gr.Info use them."""
+    try:
+        from gradio.context import LocalContext
+    except ImportError:
+        return None, None
+    return LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+
+
+class _Watched:
+    """``adapter`` for one edit: before every model call (inversion, edit, reconstruction, Auto's
+    mask) ``check()`` may stop the edit; ``calls`` counts the calls made. Everything else is the
+    adapter's own, so the editor it is given to runs the edit unchanged."""
+
+    def __init__(self, adapter: Any, check: Any):
+        self._adapter, self._check, self.calls = adapter, check, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+    def velocity(self, *args: Any, **kwargs: Any) -> Any:
+        self._check(self.calls)
+        self.calls += 1
+        return self._adapter.velocity(*args, **kwargs)
+
+
+def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Path):
     """The request handlers ``(page, api)``: check the inputs, run one edit, return what the page shows.
 
     Both run the same edit. On bad input ``page`` returns the message in place of the result line and
     clears every result and the download (so nothing stale stays on screen); ``api`` raises
     ``gr.Error`` with the plain-text message, for API clients. Errors nobody expected are reported
-    the same way, with their traceback on the server's stderr.
+    the same way, with their traceback on the server's stderr. An edit whose client has gone stops
+    before its next model call.
     """
     import gradio as gr
 
     from fireflow.settings import SettingError
-
-    app = app if app is not None else []  # build_app puts the Blocks here once made
 
     def run(
         image: str | Unreadable | None,
@@ -77,14 +110,8 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
         mask_file: str | None = None,
         paste: bool = False,
         auto: bool = False,
-        request: Any = None,
     ) -> tuple:
         pil = source_image(image, max_pixels)
-
-        def stop_if_gone(*_: Any) -> None:  # after every denoising step
-            if app and client_gone(app[0], request):
-                raise EditCancelled
-
         source, target = check_prompts(source, target)
         settings = check_knobs(
             editor,
@@ -106,8 +133,16 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             mask = "auto"
         if paste and mask is None:
             raise EditError("Paste the source pixels needs a mask: paint the region to edit or upload a mask.")
+        blocks_app, event_id = _current_event()
+
+        def stop_if_gone(calls: int) -> None:
+            if client_gone(blocks_app, event_id):
+                raise EditCancelled(f"an edit stopped after {calls} model calls: its client has gone")
+
+        watched = copy.copy(editor)  # this edit's own: the shared editor is left as it is
+        watched.adapter = _Watched(getattr(editor, "adapter", None), stop_if_gone)
         try:
-            out = editor.edit(
+            out = watched.edit(
                 pil,
                 source,
                 target,
@@ -116,7 +151,6 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
                 paste_pixels=bool(paste),
                 reconstruction=bool(reconstruction),
                 max_pixels=max_pixels,
-                callback=stop_if_gone,
             )
         except SettingError as e:
             raise EditError(e.worded("label")) from None
@@ -132,46 +166,40 @@ def make_edit_fn(editor: FireFlowEditor, *, max_pixels: int | None, workdir: Pat
             gr.Image(value=mask_overlay(out.source, out.mask) if auto else None, visible=bool(auto)),
         )
 
-    cleared = (
-        None,
-        None,
-        gr.Image(value=None, visible=False),
-        "",
-        gr.DownloadButton(value=None, interactive=False),
-        gr.Image(value=None, visible=False),
-    )
-
-    def page(*inputs: Any, request: Any = None) -> tuple:
-        try:
-            return run(*inputs, request=request)
-        except EditCancelled:
-            print("fireflow serve: an edit stopped: its client has gone", file=sys.stderr)
-            return cleared
-        except EditError as e:
-            message = str(e)
-        except Exception as e:  # noqa: BLE001 - the page must say something, and keep serving
-            traceback.print_exc()
-            message = f"the edit failed on the server: {type(e).__name__}: {e}"
+    def cleared(line: str) -> tuple:
+        """No result, no download, ``line`` where the result line goes: nothing stale stays on screen."""
         return (
             None,
             None,
             gr.Image(value=None, visible=False),
-            error_html(message),
+            line,
             gr.DownloadButton(value=None, interactive=False),
             gr.Image(value=None, visible=False),
         )
 
-    def api(*inputs: Any, request: Any = None) -> tuple:
+    def edit(*inputs: Any) -> tuple:
+        """``run``, or nothing once the client has gone (nobody is there to see it)."""
         try:
-            return run(*inputs, request=request)
-        except EditCancelled:
-            print("fireflow serve: an edit stopped: its client has gone", file=sys.stderr)
-            return cleared
+            return run(*inputs)
+        except EditCancelled as e:
+            print(f"fireflow serve: {e}", file=sys.stderr)
+            return cleared("")
+
+    def page(*inputs: Any) -> tuple:
+        try:
+            return edit(*inputs)
+        except EditError as e:
+            return cleared(error_html(str(e)))
+        except Exception as e:  # noqa: BLE001 - the page must say something, and keep serving
+            traceback.print_exc()
+            return cleared(error_html(f"the edit failed on the server: {type(e).__name__}: {e}"))
+
+    def api(*inputs: Any) -> tuple:
+        try:
+            return edit(*inputs)
         except EditError as e:  # plain text: an API client gets the message as written, no HTML entities
             raise gr.Error(str(e), title="Cannot edit", print_exception=False) from None
 
-    # Gradio hands a handler its request when a parameter is annotated with gr.Request.
-    page.__annotations__["request"] = api.__annotations__["request"] = gr.Request
     return page, api
 
 

@@ -26,6 +26,20 @@ VIDEO_NOTE = (
     "for those minutes, and 81 frames are beyond the page's upload and preview."
 )
 
+#: What each bundled model draws and which prompts it knows (from its model card,
+#: fireflow/models/demo/*/README.md): a prompt outside them gets a picture of something else.
+MODEL_NOTES = {
+    "demo": (
+        "The emoji model knows 233 emoji by name (“red heart”, “cat face”, “cloud”, ...), "
+        "each drawn once, centred on white."
+    ),
+    "scenes": (
+        "The scenes model draws one of 20 emoji (7 coloured hearts, 6 animal faces, 7 fruit) anywhere "
+        "on a plain background: white, black, gray, beige, sky blue or mint green. Its prompts read "
+        "`<object>, <background> background`, such as `lemon, gray background`."
+    ),
+}
+
 #: Nearest-neighbour scaling: the demo model works at 32x32, and blurred pixels would hide what it did.
 CSS = """
 .fireflow-result .image-frame { width: 100%; height: 100%; }
@@ -64,8 +78,7 @@ def build_app(
     workdir.mkdir(parents=True, exist_ok=True)
     if examples is None:
         examples = default_examples(workdir / "examples", getattr(editor, "model_name", "demo"))
-    made: list = []  # the Blocks, for the handlers to see whether their client has gone
-    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir, app=made)
+    page_fn, api_fn = make_edit_fn(editor, max_pixels=max_pixels, workdir=workdir)
     size_note = getattr(editor.adapter, "size_note", None)
     # The demo model has no guidance input: say so next to the knob rather than let it look broken.
     has_guidance = editor.adapter.guidance_kind != "none"
@@ -81,20 +94,20 @@ def build_app(
                 [*STRATEGIES, "replace_v add_k"], value=value, label=k.label, allow_custom_value=True, elem_id=elem_id
             )
         if k.choices:
-            return gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id)
+            return _raw_text(gr.Dropdown(list(k.choices), value=value, label=k.label, elem_id=elem_id))
         if isinstance(value, str):
             return _raw_text(gr.Textbox(value, label=k.label, elem_id=elem_id, info=info))
         # No precision: a step count of 2.5 must reach the check and be refused, not be rounded to 2.
         return gr.Number(value, label=k.label, min_width=90, elem_id=elem_id, info=info)
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, KEEP_RESULTS_S)) as app:
-        made.append(app)
         gr.Markdown(
             f"## {html.escape(title)}\n"
             "Invert the image with the **source** prompt, then sample it back with the **target** prompt, "
             "reusing the attention values of the inversion "
             "([FireFlow](https://arxiv.org/abs/2412.07517), Deng et al., ICML 2025). "
-            f"Model: `{editor.model_name}`." + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
+            f"Model: `{editor.model_name}`. {MODEL_NOTES.get(editor.model_name, '')}"
+            + (f"\n\n*Note: {html.escape(size_note)}.*" if size_note else "")
         )
         gr.Markdown(VIDEO_NOTE, elem_id="video-note")
         with gr.Row():
@@ -133,11 +146,20 @@ def build_app(
                         label="Auto: find the region from the prompts (no painting; 4 more model calls)",
                         elem_id="mask-auto",
                     )
+                first = examples[0] if examples else None  # its prompts show the form this model knows
                 source = _raw_text(
-                    gr.Textbox(label="Source prompt", placeholder="what the image shows", elem_id="source")
+                    gr.Textbox(
+                        label="Source prompt",
+                        placeholder=_hint("what the image shows", first and first.source),
+                        elem_id="source",
+                    )
                 )
                 target = _raw_text(
-                    gr.Textbox(label="Target prompt", placeholder="what it should show", elem_id="target")
+                    gr.Textbox(
+                        label="Target prompt",
+                        placeholder=_hint("what it should show", first and first.target),
+                        elem_id="target",
+                    )
                 )
                 with gr.Row():
                     steps = knob("num_steps", "steps", "per pass")
@@ -225,16 +247,33 @@ def _undecoded(gr: Any, image: gr.Image) -> gr.Image:
 
 
 def _raw_text(box: Any) -> Any:
-    """``box`` handing on what was sent when it is not text (a list, a number), for the edit to refuse
-    with its own message; Gradio's Textbox would turn it into text."""
+    """``box`` (a Textbox, a Dropdown) handing on what was sent when it is not text (a list, a number)
+    or not among the choices, for the edit to refuse with its own message naming the page's label:
+    a Textbox would turn it into text, a Dropdown refuse it with Gradio's message."""
+    from gradio.exceptions import Error
+
     stock = box.preprocess
-    box.preprocess = lambda payload: stock(payload) if isinstance(payload, str) or payload is None else payload
+
+    def preprocess(payload: Any) -> Any:
+        if not isinstance(payload, str):
+            return None if payload is None else payload
+        try:
+            return stock(payload)
+        except Error:
+            return payload
+
+    box.preprocess = preprocess
     return box
 
 
+def _hint(text: str, example: str | None) -> str:
+    """A prompt box's placeholder: ``text``, and an example's prompt if there is one."""
+    return f"{text}, e.g. “{example}”" if example else text
+
+
 def brush_size(editor: Any) -> int:
-    """The painter's brush width in image pixels: 8 on a photo, 2 on the scenes model's 32x32 scenes
-    (an 8-pixel stroke would mark a quarter of one)."""
+    """The painter's brush radius in image pixels: 8 on a photo (and the 128-pixel emoji examples),
+    2 on the scenes model's 32x32 scenes; either way a stroke an eighth of the gallery's images wide."""
     name = str(getattr(editor, "model_name", ""))
     return 2 if name.startswith("scenes") else 8
 

@@ -47,6 +47,7 @@ class RequestGuard:
         self.app, self.blocks, self.limits = app, blocks, limits
         self.protected: set[str] | None = None  # files in Gradio's folder before the first upload
         self.by_hash: dict[str, str] = {}  # Gradio's hash of an upload's bytes -> where they are kept
+        self.joining: dict[str, int] = {}  # client address -> its requests to queue an edit inside Gradio now
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -71,7 +72,9 @@ class RequestGuard:
             return
         path = scope["path"].rstrip("/")
         if path.endswith("/queue/join") or "/call/" in path:
-            busy = queued_by(self.blocks, (scope.get("client") or ("",))[0])
+            host = (scope.get("client") or ("",))[0]
+            # Joins still inside Gradio count too: sent at once, all would pass before any is queued.
+            busy = queued_by(self.blocks, host) + self.joining.get(host, 0)
             if busy >= self.limits.per_client:
                 await _plain(
                     send,
@@ -80,6 +83,14 @@ class RequestGuard:
                     f"{self.limits.per_client} at once from one client. Wait for one to finish.",
                 )
                 return
+            self.joining[host] = self.joining.get(host, 0) + 1
+            try:
+                await self.app(scope, receive, _own_parse_error(send))
+            finally:
+                self.joining[host] -= 1
+                if not self.joining[host]:
+                    del self.joining[host]
+            return
         if not path.endswith("/upload"):
             await self.app(scope, receive, send)
             return
@@ -125,6 +136,30 @@ def queued_by(blocks: Any, host: str) -> int:
         if client is not None and getattr(client, "host", None) == host:
             n += 1
     return n
+
+
+#: In place of FastAPI's "There was an error parsing the body": what Python's JSON parser refuses
+#: though the JSON is well formed.
+UNREADABLE_REQUEST = "The edit request cannot be read: a number in it has more than 4300 digits, or it nests too deep."
+
+
+def _own_parse_error(send: Any) -> Any:
+    """``send``, with FastAPI's 400 for a body its JSON parser gave up on replaced by :data:`UNREADABLE_REQUEST`."""
+    held: list[dict] = []
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held.append(message)  # until its body shows what it is
+            return
+        if held and message["type"] == "http.response.body":
+            start = held.pop()
+            if b"There was an error parsing the body" in message.get("body", b""):
+                await _plain(send, 400, UNREADABLE_REQUEST)
+                return
+            await send(start)
+        await send(message)
+
+    return wrapped
 
 
 async def _plain(send: Any, status: int, text: str) -> None:
