@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +225,24 @@ def _write(path: Path, write: Callable[[], object]) -> None:
         raise WriteError(f"cannot write {str(path)!r}: {e.strerror or _one_line(e)}") from None
 
 
+def _write_all(items: list[tuple[Path, Callable[[Path], object]]]) -> None:
+    """Write every output or none: each ``write(tmp)`` goes to a hidden sibling of its path (same
+    suffix, so the format is the path's), and only when all succeeded are they renamed into place.
+    A failed write removes the siblings already made, so several targets never leave some."""
+    made: list[tuple[Path, Path]] = []
+    try:
+        for path, write in items:
+            tmp = path.with_name(f".{path.stem}-{os.getpid()}-{len(made)}-part{path.suffix}")
+            _write(path, lambda write=write, tmp=tmp: write(tmp))
+            made.append((tmp, path))
+    except BaseException:
+        for tmp, _ in made:
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in made:
+        os.replace(tmp, path)
+
+
 def _report(what: str, out, paths: list[Path], image=None) -> None:
     if image is not None and out.source is not None and out.source.size != image.size:
         (w, h), (sw, sh) = image.size, out.source.size
@@ -306,18 +325,18 @@ def cmd_edit(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     results = out.images or [v[0] for v in out.videos]  # a video family edits a still as one frame
-    for img, path in zip(results, outs, strict=True):
-        _write(path, lambda img=img, path=path: save_image_atomic(img, path))
+    writes = [(path, lambda tmp, img=img: save_image_atomic(img, tmp)) for img, path in zip(results, outs, strict=True)]
     if recon_path is not None:
         rec = out.reconstruction
-        _write(recon_path, lambda: save_image_atomic(rec[0] if isinstance(rec, list) else rec, recon_path))
+        writes.append((recon_path, lambda tmp: save_image_atomic(rec[0] if isinstance(rec, list) else rec, tmp)))
         outs.append(recon_path)
     if mask_path is not None:  # at the model's size, white = edited (every frame's, for a clip)
         from PIL import Image
 
         mask_image = Image.fromarray(out.mask.any(axis=0).astype("uint8") * 255)
-        _write(mask_path, lambda: save_image_atomic(mask_image, mask_path))
+        writes.append((mask_path, lambda tmp: save_image_atomic(mask_image, tmp)))
         outs.append(mask_path)
+    _write_all(writes)
     masked = (f", auto mask {100 * out.mask.mean():.0f}% of the image" if auto else ", masked") if args.mask else ""
     _report(
         f"edit ({out.settings.solver}, {out.settings.num_steps} steps, "
@@ -425,11 +444,13 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
         reconstruction=recon_path is not None,
         progress=not args.quiet,
     )
-    for clip, path in zip(out.videos, outs, strict=True):
-        _write(path, lambda clip=clip, path=path: write_video(clip, path, fps))
+    writes = [
+        (path, lambda tmp, clip=clip: write_video(clip, tmp, fps)) for clip, path in zip(out.videos, outs, strict=True)
+    ]
     if recon_path is not None:
-        _write(recon_path, lambda: write_video(out.reconstruction, recon_path, fps))
+        writes.append((recon_path, lambda tmp: write_video(out.reconstruction, tmp, fps)))
         outs.append(recon_path)
+    _write_all(writes)
     if size != frames[0].size:
         (w, h), (sw, sh) = frames[0].size, size
         _say(f"note: the {w}x{h} frames were cropped or resized to {sw}x{sh}, a size this model takes")
@@ -503,7 +524,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UsageError(str(e).replace("height ", "--height ", 1).replace("width ", "--width ", 1)) from None
     s = editor.resolve(settings, "generate")
-    out = editor.generate(args.prompt, s, height=g.height, width=g.width, seed=args.seed, progress=not args.quiet)
+    out = editor.generate(
+        args.prompt,
+        s,
+        height=g.height,
+        width=g.width,
+        seed=args.seed,
+        max_pixels=args.max_pixels,
+        progress=not args.quiet,
+    )
     _write(out_path, lambda: save_image_atomic(out.images[0], out_path))
     _report(f"generate ({s.solver}, {s.num_steps} steps)", out, [out_path])
 

@@ -653,19 +653,26 @@ class FireFlowEditor:
         num_frames: int | None = None,
         seed: int | None = 0,
         latents: torch.Tensor | None = None,
+        max_pixels: int | None = MAX_PIXELS,
         progress: bool = False,
         callback: solvers.StepCallback | None = None,
         **overrides: Any,
     ) -> GenerationOutput:
         """Text-to-image (or video) with any solver. Knobs: ``num_steps``, ``guidance`` (default:
         the family's text-to-image guidance), ``solver``. ``seed`` draws the noise on the CPU, so it
-        is the same on every device; or pass ``latents`` (noise in the pipeline's layout)."""
+        is the same on every device; or pass ``latents`` (noise in the pipeline's layout).
+        ``height * width`` above ``max_pixels`` is refused (None: no limit of ours)."""
         start = time.perf_counter()
         a = self.adapter
         s = self.resolve(settings, "generate", **overrides)
         prompts = _prompts("prompt", prompt, many=True)
         g = a.default_geometry(height, width, num_frames)
         a.check_geometry(g)
+        if max_pixels is not None and g.height * g.width > max_pixels:  # before the schedule, which overflows
+            raise ValueError(
+                f"size {g.height}x{g.width} is {g.height * g.width} pixels, more than max_pixels={max_pixels}; "
+                "use a smaller size"
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise SettingError("seed", f"{{name}} must be a whole number from 0 to 2**63 - 1, got {seed!r}")
         cond = a.conditioning(self._encode_prompts(prompts), g, s.guidance)

@@ -138,6 +138,29 @@ def test_a_file_size_limit_is_one_line_and_no_partial_file(src, tmp_path):
     assert files(tmp_path) == before
 
 
+def test_several_targets_are_written_all_or_none(src, tmp_path, capsys, monkeypatch):
+    import fireflow._io
+
+    real, calls = fireflow._io.os.fsync, []
+
+    def second_fails(fd):  # the first target's image is written whole; the second's disk is full
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr("fireflow._io.os.fsync", second_fails)
+    before = files(tmp_path)
+    argv = ["edit", str(src), *EDIT, "-t", "orange", "-o", str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"fireflow edit: error: cannot write {str(tmp_path / 'o-1.png')!r}: No space left on device"
+    assert files(tmp_path) == before  # not o-0.png either, and no hidden part files
+    monkeypatch.setattr("fireflow._io.os.fsync", real)
+    assert main(argv) == 0
+    assert files(tmp_path) - before == {"o-0.png", "o-1.png"}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_stdout_on_a_full_device_is_one_line_without_traceback(src, tmp_path):
     with open("/dev/full", "w") as full:

@@ -276,3 +276,11 @@ def test_bare_transformers_get_their_family(inputs):
     assert FireFlowEditor(transformer=tiny_sd3_transformer()).model_name == "sd3"
     with pytest.raises(ValueError, match="Linear is not a supported model"):
         FireFlowEditor(transformer=torch.nn.Linear(2, 2))
+
+
+def test_generate_refuses_a_size_over_max_pixels_before_any_work(tiny_editor):
+    with pytest.raises(ValueError, match=r"size 100000x100000 is 10000000000 pixels, more than max_pixels=16777216"):
+        tiny_editor.generate("a cat", height=100000, width=100000)
+    with pytest.raises(ValueError, match="more than max_pixels=1024"):
+        tiny_editor.generate("a cat", height=64, width=32, max_pixels=1024)
+    assert tiny_editor.generate("a cat", height=32, width=32, max_pixels=1024, num_steps=1).images[0].size == (32, 32)

@@ -95,3 +95,15 @@ def test_choose_takes_the_best_fireflow_row_and_the_fewer_injected_steps_on_a_ti
     assert choose(report) == 1
     report["editing"].append(row(3, 0.9, 0.7, 0.8))
     assert choose(report) == 3
+
+
+def test_validation_clips_are_unseen_and_never_the_tables():
+    from research.scenes_video import clips as C
+    from research.scenes_video.eval import TABLE_MAX, _key, edit_cases
+
+    val = edit_cases(96, split="validation")
+    table = {_key(c) for c, _ in edit_cases(TABLE_MAX)}
+    assert len(val) == 96
+    assert all(bool(C.is_held_out(*_key(c))) for c, _ in val)  # never trained on, like the table's
+    assert not table & {_key(c) for c, _ in val}
+    assert edit_cases(96, split="validation") == val  # deterministic

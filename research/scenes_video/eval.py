@@ -1,6 +1,10 @@
 """Video edits on held-out moving-scenes clips: does the edit keep the motion?
 
-    python -m research.scenes_video.eval --weights DIR --clips 24 --out docs/scenes_video
+    python -m research.scenes_video.eval --weights DIR --clips 96 --split validation --choose --out RUN
+    python -m research.scenes_video.eval --weights DIR --clips 48 --out docs/scenes_video
+
+The first run chooses the model's default injection count on validation clips (held-out clips
+other than the table's) and writes it into the weights' marker; the second makes the table.
 
 Each of N held-out clips (``clips.draw_clips(N, seed 2026, held_out=True)``) gets one edit that
 swaps its object for another of the same family (animal face for animal face, fruit for fruit,
@@ -20,7 +24,7 @@ least-squares fit of every sprite, size and position) finds the object; the metr
   object's masks (every pixel it touches) over the clip's frames: what must not change.
 
 Settings: FireFlow 8 steps (18 NFE) against Euler 9 (18 NFE, the same calls) and midpoint 4
-(16 NFE), each at inject 0, 1, 2 and 3; the default is FireFlow 8, inject 1. Writes
+(16 NFE), each at inject 0, 1, 2 and 3; the default is FireFlow 8 at the model's inject. Writes
 ``video_eval.json``, ``video_table.md`` and ``video_sheet.png`` (for the first clips: a row of
 source frames, then a row per shown setting of edited frames). One CPU thread by default.
 """
@@ -47,6 +51,8 @@ from research.scenes_video import clips as C
 EVAL_SEED = 2026
 SPLITS = ("heldout", "validation")
 VALIDATION_SEED_OFFSET = 1000
+#: Validation clips avoid the table's first this many clips (``--clips`` of the table stays at most this).
+TABLE_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -88,16 +94,27 @@ def family_swap(obj: int, rng: np.random.Generator) -> int:
 def edit_cases(n: int, seed: int = EVAL_SEED, split: str = "heldout") -> list[tuple[C.Clip, int]]:
     """``n`` clips of ``split``, each with its target object (deterministic).
 
-    ``"heldout"``: the evaluation split, never trained on, for the table. ``"validation"``: clips of
-    the training split (another seed), on which the model's default is chosen (:func:`choose`), so
-    that choice never looks at the held-out clips.
+    ``"heldout"``: clips of the evaluation split, never trained on, for the table. ``"validation"``:
+    other clips of that same split (another seed, none of the table's first :data:`TABLE_MAX`
+    clips), on which the model's default is chosen (:func:`choose`). Validation clips must be as
+    unseen as the table's: training-split clips may have been trained on, and a default chosen
+    on them favours reconstruction over the edit.
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
-    seed = seed if split == "heldout" else seed + VALIDATION_SEED_OFFSET
-    clips = C.draw_clips(n, torch.Generator().manual_seed(seed), held_out=split == "heldout")
+    if split == "heldout":
+        clips = C.draw_clips(n, torch.Generator().manual_seed(seed), held_out=True)
+    else:
+        table = {_key(c) for c in C.draw_clips(TABLE_MAX, torch.Generator().manual_seed(seed), held_out=True)}
+        seed += VALIDATION_SEED_OFFSET
+        pool = C.draw_clips(n + TABLE_MAX, torch.Generator().manual_seed(seed), held_out=True)
+        clips = [c for c in pool if _key(c) not in table][:n]
     rng = np.random.default_rng(seed)
     return [(c, family_swap(c.obj, rng)) for c in clips]
+
+
+def _key(c: C.Clip) -> tuple[int, ...]:
+    return (c.obj, c.bg, c.size, c.x, c.y, c.vx, c.vy)
 
 
 def target_prompt(clip: C.Clip, obj: int) -> str:
@@ -331,6 +348,8 @@ def main() -> None:
     args = p.parse_args()
     if args.choose and args.split != "validation":
         p.error("--choose looks at validation clips only: add --split validation")
+    if args.split == "heldout" and not 1 <= args.clips <= TABLE_MAX:
+        p.error(f"--clips {args.clips}: the table takes 1 to {TABLE_MAX} clips (validation avoids that many)")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     settings = [Setting("fireflow", 8, k) for k in INJECTS] if args.split == "validation" else None

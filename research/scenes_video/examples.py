@@ -33,7 +33,7 @@ from PIL import Image
 from fireflow._io import atomic_write
 from research.bundled import scenes as S
 from research.scenes_video import clips as C
-from research.scenes_video.eval import contact_sheet, score_clip, target_prompt
+from research.scenes_video.eval import contact_sheet, d_inject, score_clip, target_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "examples" / "video"
@@ -176,6 +176,7 @@ def readme_section(docs: Path) -> str:
     secs = [r["seconds"] for r in examples]
     loads = [r.get("load_average", float("nan")) for r in examples]
     cmd = examples[0]["command"].replace(" -t ", " \\\n  -t ", 1)
+    inject = d_inject(report)
     lines = [
         "`scenes-video` (`fireflow/models/demo/scenes_video_weights`, 11.1 MB) is the scenes model taught to make",
         "6-frame clips of 32×32: one sprite gliding in a straight line, the prompt naming only the object and the",
@@ -198,6 +199,11 @@ def readme_section(docs: Path) -> str:
         + "; ".join(_example_line(r) for r in examples)
         + ".",
         "",
+        "The model's default injection count is chosen on 96 validation clips (held-out clips other than the",
+        "table's), and written into the weights' `fireflow_demo.json`: `python -m research.scenes_video.eval --weights",
+        "fireflow/models/demo/scenes_video_weights --clips 96 --split validation --choose --out RUN`"
+        f" (it chose inject {inject}).",
+        "",
         f"On {report['clips']} held-out clips, one object swap each (`python -m research.scenes_video.eval --weights",
         f"fireflow/models/demo/scenes_video_weights --clips {report['clips']} --step {report.get('step', 'N')} "
         "--out docs/scenes_video`,",
@@ -206,7 +212,8 @@ def readme_section(docs: Path) -> str:
         "",
         table,
         "",
-        "Contact sheet of the first six clips (rows: source, FireFlow-8, Euler-9, midpoint-4, all inject 1):",
+        "Contact sheet of the first six clips (rows: source, FireFlow-8, Euler-9, midpoint-4, all at inject"
+        f" {inject}):",
         "`docs/scenes_video/video_sheet.png`.",
         "",
         verdict(step, missed, reached),
