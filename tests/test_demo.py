@@ -154,5 +154,3 @@ def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
     # The fixed-batch loss falls from the untrained model to the trained one.
     fresh = type(straight)(tiny, torch.device("cpu"))
     assert straight.eval_loss(64, ema=False) < fresh.eval_loss(64, ema=False)
-
-

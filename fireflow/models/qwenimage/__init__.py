@@ -233,5 +233,3 @@ class QwenImageAdapter(PipelineAdapter):
         positive = forward(cond.prompt_embeds, cond.prompt_embeds_mask)
         comb = negative + cond.guidance * (positive - negative)
         return comb * (torch.norm(positive, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-
-
