@@ -75,7 +75,6 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
     assert adapter.prepare_image(Image.new("RGB", (64, 64), (0, 0, 255))).getpixel((16, 16)) == (0, 0, 255)
 
 
-
 @pytest.mark.parametrize("size", [(1, 16384), (16384, 1), (3000, 400)])
 def test_long_thin_images_are_shrunk_before_padding(adapter, monkeypatch, size):
     """A strip is shrunk to MAX_PAD_SIDE before the white square is made: padded whole, 1x16384
@@ -97,6 +96,7 @@ def test_long_thin_images_are_shrunk_before_padding(adapter, monkeypatch, size):
         assert out.getpixel((16, 0)) == (255, 255, 255)
     square = new("RGB", (4096, 4096), (0, 0, 255))  # a square needs no padding: resized as before
     assert adapter.prepare_image(square).getpixel((16, 16)) == (0, 0, 255)
+
 
 def test_prompt_embeds_fixed_length(adapter):
     e = adapter.encode_prompt(["red heart", "smiling face with open eyes and hand over mouth", "x"])
@@ -178,5 +178,3 @@ def test_training_loss_decreases_and_resume_is_exact(tmp_path, emoji):
     # The fixed-batch loss falls from the untrained model to the trained one.
     fresh = type(straight)(tiny, torch.device("cpu"))
     assert straight.eval_loss(64, ema=False) < fresh.eval_loss(64, ema=False)
-
-
