@@ -669,6 +669,7 @@ def http_cases() -> list[Case]:
     cases = [
         ("40 MiB JSON array to call/edit", post_raw("/gradio_api/call/edit", numbers)),
         ("40 MiB JSON array to queue/join", post_raw("/gradio_api/queue/join", numbers)),
+        ("40 MiB JSON array to component_server", post_raw("/gradio_api/component_server", numbers)),
         (
             "3 MiB JSON to call/edit (over 2 MiB)",
             post_raw("/gradio_api/call/edit", b'{"data": ["' + b"x" * (3 * MB) + b'"]}'),

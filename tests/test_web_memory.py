@@ -160,21 +160,26 @@ def _post(guard: RequestGuard, path: str, length: int, content_type: bytes = b"a
     return sent[0]["status"], body, bool(reached)
 
 
-def test_bodies_that_are_not_uploads_are_bounded():
+def test_bodies_that_are_not_uploads_are_bounded(monkeypatch, tmp_path):
     """An edit's JSON, a queue join or any other body over 2 MiB is refused from its declared length
-    with one line; the upload routes (Gradio's uploads, the painter's images) take up to the upload limit."""
-    guard = RequestGuard(None, blocks=SimpleNamespace(_queue=None), limits=UploadLimits())
+    with one line, JSON to the upload routes too; their multipart bodies (Gradio's uploads, the
+    painter's images) take up to the upload limit."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where the guard looks for uploads to prune
+    blocks = SimpleNamespace(_queue=None, upload_file_set=set())
+    guard = RequestGuard(None, blocks=blocks, limits=UploadLimits())
+    refusal = (
+        "The request is {} MB; this server takes at most 2 MB in a request that is not a file upload "
+        "(send images through the upload route)."
+    )
     for path in ("/gradio_api/call/edit", "/gradio_api/queue/join", "/gradio_api/run/predict", "/gradio_api/x"):
-        status, body, reached = _post(guard, path, 40 * MB)
-        assert (status, reached) == (413, False), (path, status)
-        assert body == (
-            "The request is 40.0 MB; this server takes at most 2 MB in a request that is not a file upload "
-            "(send images through the upload route)."
-        ), body
+        assert _post(guard, path, 40 * MB) == (413, refusal.format("40.0"), False), path
         assert _post(guard, path, 2 * MB)[2], path  # at the limit: let through
-    assert _post(guard, "/gradio_api/component_server", 40 * MB, b"multipart/form-data; boundary=b")[2]
-    status, body, reached = _post(guard, "/gradio_api/component_server", 49 * MB)
-    assert (status, reached) == (413, False) and body == "The upload is 49.0 MB; this server takes at most 48 MB."
+    multipart = b"multipart/form-data; boundary=b"
+    for path in ("/gradio_api/upload", "/gradio_api/component_server"):
+        assert _post(guard, path, 40 * MB, multipart)[2], path
+        upload = "The upload is 49.0 MB; this server takes at most 48 MB."
+        assert _post(guard, path, 49 * MB, multipart) == (413, upload, False), path
+        assert _post(guard, path, 3 * MB) == (413, refusal.format("3.0"), False), path
 
 
 # ---- the painter's blob store -----------------------------------------------------------------------

@@ -25,8 +25,8 @@ REQUEST_OVERHEAD = 64 * 1024
 #: Largest request body that is not a file upload (an edit's JSON, a queue join), in MiB: parsed
 #: whole in memory, a 40 MiB JSON array of numbers took 320 MB of it.
 MAX_BODY_MB = 2
-#: The routes whose bodies are files (Gradio's upload route, the mask painter's images), bounded by
-#: the upload limit; every other body is bounded by ``max_body``.
+#: The routes whose multipart bodies are files (Gradio's upload route, the mask painter's images),
+#: bounded by the upload limit; every other body (JSON to these routes too) is bounded by ``max_body``.
 UPLOAD_ROUTES = ("/upload", "/component_server")
 
 
@@ -66,7 +66,7 @@ class RequestGuard:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         path = scope["path"].rstrip("/")
-        upload = path.endswith(UPLOAD_ROUTES)
+        upload = path.endswith(UPLOAD_ROUTES) and headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         limit = self.limits.max_bytes + REQUEST_OVERHEAD if upload else self.limits.max_body
         if length is None and b"transfer-encoding" in headers:
             await _plain(send, 411, "Send the upload with a Content-Length header.")
@@ -78,18 +78,15 @@ class RequestGuard:
         if n < 0:
             await _plain(send, 400, "Bad Content-Length header.")
             return
-        if n > limit and upload:
-            mb = self.limits.max_bytes / MB
-            await _plain(send, 413, f"The upload is {n / MB:.1f} MB; this server takes at most {mb:g} MB.")
-            return
         if n > limit:
-            mb = self.limits.max_body / MB
-            await _plain(
-                send,
-                413,
-                f"The request is {n / MB:.1f} MB; this server takes at most {mb:g} MB in a request that is not "
-                "a file upload (send images through the upload route).",
-            )
+            if upload:
+                text = f"The upload is {n / MB:.1f} MB; this server takes at most {self.limits.max_bytes / MB:g} MB."
+            else:
+                text = (
+                    f"The request is {n / MB:.1f} MB; this server takes at most {self.limits.max_body / MB:g} MB "
+                    "in a request that is not a file upload (send images through the upload route)."
+                )
+            await _plain(send, 413, text)
             return
         if path.endswith("/queue/join") or "/call/" in path:
             host = (scope.get("client") or ("",))[0]
