@@ -29,18 +29,7 @@ class _MallInfo2(ctypes.Structure):
 
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
     ]
 
 
@@ -97,7 +86,7 @@ class HeapTrimmer:
         return int(self.libc.mallinfo2().fordblks)
 
     def check(self) -> bool:
-        """One look at the heap: trim if the free bytes grew enough. Returns whether it trimmed."""
+        """One look: trim if the free heap bytes, or RSS over free memory, grew enough. Whether it trimmed."""
         if self.libc is None:
             return False
         free, rss = self.free_bytes(), self.rss()
