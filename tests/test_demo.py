@@ -8,6 +8,7 @@ from PIL import Image
 
 from fireflow.models.base import Geometry
 from fireflow.models.demo import (
+    MAX_PAD_SIDE,
     PATCH,
     RESOLUTION,
     TEXT_DIM,
@@ -72,6 +73,29 @@ def test_adapter_round_trip_and_prepare(adapter, emoji):
     assert out.size == (RESOLUTION, RESOLUTION) and out.mode == "RGB"
     assert out.getpixel((0, 0)) == (255, 255, 255)
     assert adapter.prepare_image(Image.new("RGB", (64, 64), (0, 0, 255))).getpixel((16, 16)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("size", [(1, 16384), (16384, 1), (3000, 400)])
+def test_long_thin_images_are_shrunk_before_padding(adapter, monkeypatch, size):
+    """A strip is shrunk to MAX_PAD_SIDE before the white square is made: padded whole, 1x16384
+    would be a 16384x16384 square (800 MB, seconds). The strip's colour still reaches the result."""
+    made = []
+    new = Image.new
+
+    def spy(mode, sz, *args, **kwargs):
+        made.append(sz)
+        return new(mode, sz, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", spy)
+    strip = new("RGB", size, (255, 0, 0))
+    out = adapter.prepare_image(strip)
+    assert out.size == (RESOLUTION, RESOLUTION)
+    assert made and max(max(s) for s in made) <= MAX_PAD_SIDE, made
+    if min(size) > 1:  # wide enough to survive at 32x32: red in the middle, white padding above and below
+        assert out.getpixel((16, 16))[0] > 200 and out.getpixel((16, 16))[1] < 100
+        assert out.getpixel((16, 0)) == (255, 255, 255)
+    square = new("RGB", (4096, 4096), (0, 0, 255))  # a square needs no padding: resized as before
+    assert adapter.prepare_image(square).getpixel((16, 16)) == (0, 0, 255)
 
 
 def test_prompt_embeds_fixed_length(adapter):

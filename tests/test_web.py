@@ -117,26 +117,30 @@ class Server:
         return sorted(p for p in (self.workdir() / "gradio").glob("*/*") if p.is_file())
 
 
-def _start_server(model: str, folder: Path, *extra: str, launcher: tuple[str, ...] = ("-m", "fireflow")) -> Server:
+def _start_server(
+    model: str, folder: Path, *extra: str, launcher: tuple[str, ...] = ("-m", "fireflow"), env: dict | None = None
+) -> Server:
     """``python -m fireflow serve`` on a free port, with a TMPDIR of its own, answering GET /.
-    ``launcher``: what runs instead of ``-m fireflow`` (a script that wraps the CLI)."""
+    ``launcher``: what runs instead of ``-m fireflow`` (a script that wraps the CLI); ``env``: more
+    environment variables."""
     port = _free_port()
     tmp = folder / "tmp"
     tmp.mkdir()
     log = folder / "serve.log"
-    env = {
+    environ = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # the same arithmetic as this process (conftest sets one thread)
         "TMPDIR": str(tmp),
+        **(env or {}),
     }
-    env.pop("GRADIO_TEMP_DIR", None)
+    environ.pop("GRADIO_TEMP_DIR", None)
     cmd = [sys.executable, *launcher, "serve", "--model", model, "--device", "cpu", "--dtype", "fp32"]
     cmd += ["--port", str(port), "--max-pixels", str(MAX_PIXELS), *extra]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ, cwd=ROOT)
     return Server(f"http://127.0.0.1:{port}", proc, tmp, log)
 
 

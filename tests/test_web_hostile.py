@@ -399,20 +399,27 @@ def test_one_client_has_at_most_per_client_edits_queued(slow):
 
 @needs_gradio
 def test_a_huge_prompt_is_refused_by_its_length(slow, hostile):
-    """A 20 MiB prompt: refused from its length at once, before the text encoder or any model call,
-    and not echoed back; over --max-upload-mb the request is refused (413) before it is read."""
-    huge = json.dumps("x" * (20 << 20))
-    url = slow.server.url  # the default limits: 48 MiB a request
+    """A 1 MiB prompt: refused from its length at once, before the text encoder or any model call,
+    and not echoed back. A 20 MiB one, like any request body over 2 MiB that is not an upload, is
+    refused (413, one line) from its declared length before it is read, whatever --max-upload-mb."""
+    big = json.dumps("x" * (1 << 20))
+    url = slow.server.url  # the default limits
     before = len(slow.made())
     t0 = time.monotonic()
-    stream = _raw_edit(url, _uploaded(url), target=huge)
+    stream = _raw_edit(url, _uploaded(url), target=big)
     assert time.monotonic() - t0 < 10
-    assert _error(stream) == f"The target prompt is {20 << 20} characters; this server takes at most 2000.", stream
+    assert _error(stream) == f"The target prompt is {1 << 20} characters; this server takes at most 2000.", stream
     assert len(stream) < 1000 and len(slow.made()) == before
-    with socket.create_connection(_address(hostile.url), timeout=10) as conn:  # --max-upload-mb 1
-        conn.sendall(  # the headers only: the answer comes from the declared length
-            b"POST /gradio_api/call/edit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(huge) + 40}\r\n\r\n".encode()
-        )
-        reply = _read_response(conn)
-    assert reply.startswith("HTTP/1.1 413") and len(reply) < 1000, reply
+    huge = len(json.dumps("x" * (20 << 20))) + 40
+    for server, path in ((url, "call/edit"), (url, "queue/join"), (hostile.url, "call/edit")):
+        with socket.create_connection(_address(server), timeout=10) as conn:
+            conn.sendall(  # the headers only: the answer comes from the declared length
+                f"POST /gradio_api/{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {huge}\r\n\r\n".encode()
+            )
+            reply = _read_response(conn)
+        assert reply.startswith("HTTP/1.1 413") and len(reply) < 1000, reply
+        assert reply.endswith(
+            "The request is 20.0 MB; this server takes at most 2 MB in a request that is not a file upload "
+            "(send images through the upload route)."
+        ), reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import tempfile
@@ -10,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fireflow.image import MAX_PIXELS
+from fireflow.web.checks import MAX_LAYERS
 from fireflow.web.handlers import Refused, Unreadable, make_edit_fn, mask_background, painter_refusal
 from fireflow.web.results import KEEP_RESULTS_S, Example, default_examples
+from fireflow.web.uploads import BLOB_DROPPED, PainterBlobs
 
 if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
     import gradio as gr
@@ -66,8 +69,8 @@ def build_app(
     CPU one edit already uses every core through torch's threads, so a second one would only
     halve the speed of both; on a GPU, FLUX fills the card, and two edits double the memory of
     the stored features. Raise it on a big GPU with a small model. ``examples`` defaults to the
-    bundled ones (:func:`default_examples`). Result files go to ``workdir`` (default: a new
-    temporary folder), so no page action touches any other server path.
+    bundled ones (:func:`default_examples`). Result files and the mask painter's images go to
+    ``workdir`` (default: a new temporary folder), so no page action touches any other server path.
     """
     import gradio as gr
 
@@ -117,6 +120,7 @@ def build_app(
                     mask_paint = _mask_painter(
                         gr,
                         max_pixels,
+                        PainterBlobs(workdir / "painter", MAX_LAYERS),
                         label="Paint the region to edit (white), over the source",
                         type="numpy",
                         image_mode="RGBA",
@@ -278,36 +282,60 @@ def brush_size(editor: Any) -> int:
     return 2 if name.startswith("scenes") else 8
 
 
-def _mask_painter(gr: Any, max_pixels: int | None, **kwargs: Any) -> gr.ImageEditor:
+def _mask_painter(gr: Any, max_pixels: int | None, blobs: PainterBlobs, **kwargs: Any) -> gr.ImageEditor:
     """The mask painter, whose every image (background, each layer, composite) is sized from its
-    header and refused (a :class:`Refused` for the edit to report) before Gradio decodes any."""
+    header and refused (a :class:`Refused` for the edit to report) before Gradio decodes any. The
+    images the page sends ahead of the edit are kept in ``blobs`` (on disk, bounded), not by Gradio."""
+    from gradio.data_classes import FileData
+
     painter = gr.ImageEditor(**kwargs)
-    stock = painter.preprocess
+    stock, stock_accept = painter.preprocess, painter.accept_blobs
+
+    @functools.wraps(stock_accept)  # its name and mark make it callable from the page
+    def accept_blobs(data: Any) -> None:
+        blobs.accept(data)
+
+    painter.accept_blobs = accept_blobs
 
     def preprocess(payload: Any) -> Any:
         if payload is None:
             return None
-        source = payload
-        if getattr(payload, "id", None) is not None:  # images sent as blobs, kept by the component
-            source = painter.blob_storage.get(payload.id)
-        images: list[Any] = []
-        if source is not None:
-            for item in [source.background, *(source.layers or []), source.composite]:
-                images.append(getattr(item, "path", item))
-        message = painter_refusal(images, max_pixels)
-        if message:
-            if getattr(payload, "id", None) is not None:
-                painter.blob_storage.pop(payload.id, None)
-            return Refused(message)
+        painting = None
+        if getattr(payload, "id", None) is not None:  # images sent ahead, by accept_blobs
+            try:
+                painting = blobs.take(payload.id)
+            except KeyError:
+                return Refused(BLOB_DROPPED)
+            if painting is not None:
+                background, composite = (
+                    None if p is None else FileData(path=p) for p in (painting.background, painting.composite)
+                )
+                layers = [FileData(path=p) for p in painting.layers if p is not None]
+                payload = type(payload)(background=background, layers=layers, composite=composite)
         try:
-            return stock(payload)
-        except gr.Error:
-            raise
-        except Exception:  # noqa: BLE001 - a layer that is not an image after all
-            return Refused("The painted mask is not an image this server can read; paint it again.")
+            return _checked(stock, payload, max_pixels)
+        finally:
+            blobs.discard(painting)
 
     painter.preprocess = preprocess
     return painter
+
+
+def _checked(stock: Any, payload: Any, max_pixels: int | None) -> Any:
+    """``stock(payload)`` (the painter's own decoding) when every image passes :func:`painter_refusal`;
+    otherwise, or if decoding fails, a :class:`Refused`."""
+    import gradio as gr
+
+    images = [getattr(i, "path", i) for i in [payload.background, *(payload.layers or []), payload.composite]]
+    message = painter_refusal(images, max_pixels)
+    if message:
+        return Refused(message)
+    try:
+        return stock(payload)
+    except gr.Error:
+        raise
+    except Exception:  # noqa: BLE001 - a layer that is not an image after all
+        return Refused("The painted mask is not an image this server can read; paint it again.")
 
 
 def _result_image(gr: Any, label: str, elem_id: str, visible: bool = True) -> gr.Image:

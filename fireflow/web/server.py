@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fireflow.image import MAX_PIXELS
+from fireflow.web.heap import HeapTrimmer
 from fireflow.web.page import CSS, build_app
 from fireflow.web.uploads import KEEP_UPLOADS, MAX_UPLOAD_MB, MB, UPLOAD_SPACE_MB, RequestGuard, UploadLimits
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # only for annotations: importing gradio costs seconds
 
 #: Seconds requests in flight get to finish when the server is stopped by a signal.
 SHUTDOWN_GRACE_S = 1.0
+#: Sessions whose state Gradio keeps (Gradio's default: 10000): any client may start one per request.
+STATE_SESSIONS = 256
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         apps.append(app)
         print(f"fireflow serve: {editor.model_name} model on http://{args.host}:{args.port}", file=sys.stderr)
         try:
-            launch(app, host=args.host, port=args.port, limits=limits)
+            with HeapTrimmer():  # big uploads and requests come and go: give their memory back
+                launch(app, host=args.host, port=args.port, limits=limits)
         except OSError:  # taken since the check above; Gradio's message talks about launch() arguments
             raise UsageError(_port_message(args.host, args.port)) from None
     finally:
@@ -175,7 +179,8 @@ def check_port(host: str, port: int) -> None:
 def launch(
     app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, limits: UploadLimits | None = None, **kwargs: Any
 ) -> None:
-    """Serve ``app`` with settings that keep it local: no share link, no extra readable paths, bounded uploads."""
+    """Serve ``app`` with settings that keep it local: no share link, no extra readable paths, bounded
+    uploads, request bodies and session state."""
     import gradio as gr
     from starlette.middleware import Middleware
 
@@ -187,6 +192,7 @@ def launch(
         allowed_paths=[],  # the page serves only what it made or what was uploaded to it
         max_file_size=limits.max_bytes,
         app_kwargs={"middleware": [Middleware(RequestGuard, blocks=app, limits=limits)]},
+        state_session_capacity=STATE_SESSIONS,
         ssr_mode=False,  # no Node server
         mcp_server=False,
         pwa=False,

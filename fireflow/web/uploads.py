@@ -6,7 +6,9 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +20,35 @@ KEEP_UPLOADS = 64
 UPLOAD_SPACE_MB = 1024
 #: Requests one client address may have waiting or running at once (more are answered 429).
 PER_CLIENT = 8
-#: Room for the multipart headers around one upload, and for the JSON of an edit request.
+#: Room for the multipart headers around one upload.
 REQUEST_OVERHEAD = 64 * 1024
+#: Largest request body that is not a file upload (an edit's JSON, a queue join), in MiB: parsed
+#: whole in memory, a 40 MiB JSON array of numbers took 320 MB of it.
+MAX_BODY_MB = 2
+#: The routes whose multipart bodies are files (Gradio's upload route, the mask painter's images),
+#: bounded by the upload limit; every other body (JSON to these routes too) is bounded by ``max_body``.
+UPLOAD_ROUTES = ("/upload", "/component_server")
 
 
 @dataclass(frozen=True)
 class UploadLimits:
     """What the server accepts and keeps of uploads (``fireflow serve --max-upload-mb ...``)."""
 
-    max_bytes: int = MAX_UPLOAD_MB * MB  #: one upload, and one request body of any kind
+    max_bytes: int = MAX_UPLOAD_MB * MB  #: one upload (a request body to an upload route)
     keep: int = KEEP_UPLOADS  #: uploads kept on disk, newest first
     space: int = UPLOAD_SPACE_MB * MB  #: bytes of uploads kept on disk
     per_client: int = PER_CLIENT  #: requests one client address may have waiting or running
+    max_body: int = MAX_BODY_MB * MB  #: one request body that is not an upload
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.keep < 1 or self.space < self.max_bytes:
+        if self.max_bytes < 1 or self.keep < 1 or self.max_body < 1 or self.space < self.max_bytes:
             raise ValueError(f"bad upload limits {self}: all positive, space >= max_bytes")
 
 
 class RequestGuard:
-    """ASGI middleware: every request body within the upload limit (refused from its declared length,
-    before a byte is read), and after each upload the stored uploads pruned to the limits, oldest first.
+    """ASGI middleware: every request body within its limit (the upload limit on the upload routes,
+    ``max_body`` elsewhere; refused from its declared length, before a byte is read), and after each
+    upload the stored uploads pruned to the limits, oldest first.
 
     Gradio alone caps each file, but takes 1000 files a request and keeps every upload until exit.
     """
@@ -55,7 +65,9 @@ class RequestGuard:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        limit = self.limits.max_bytes + REQUEST_OVERHEAD
+        path = scope["path"].rstrip("/")
+        upload = path.endswith(UPLOAD_ROUTES) and headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.limits.max_bytes + REQUEST_OVERHEAD if upload else self.limits.max_body
         if length is None and b"transfer-encoding" in headers:
             await _plain(send, 411, "Send the upload with a Content-Length header.")
             return
@@ -67,10 +79,15 @@ class RequestGuard:
             await _plain(send, 400, "Bad Content-Length header.")
             return
         if n > limit:
-            mb = self.limits.max_bytes / MB
-            await _plain(send, 413, f"The upload is {n / MB:.1f} MB; this server takes at most {mb:g} MB.")
+            if upload:
+                text = f"The upload is {n / MB:.1f} MB; this server takes at most {self.limits.max_bytes / MB:g} MB."
+            else:
+                text = (
+                    f"The request is {n / MB:.1f} MB; this server takes at most {self.limits.max_body / MB:g} MB "
+                    "in a request that is not a file upload (send images through the upload route)."
+                )
+            await _plain(send, 413, text)
             return
-        path = scope["path"].rstrip("/")
         if path.endswith("/queue/join") or "/call/" in path:
             host = (scope.get("client") or ("",))[0]
             # Joins still inside Gradio count too: sent at once, all would pass before any is queued.
@@ -257,3 +274,110 @@ def prune_uploads(uploads: set[str], keep: int, space: int) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+#: The mask painter's images sent ahead of an edit (Gradio's ``accept_blobs``) kept at once: the
+#: images of at most this many paintings, and this many MiB of them, on disk; the oldest go first.
+BLOB_VALUES = 8
+BLOB_SPACE_MB = 256
+#: What the painter sends with each image: its kind, and a layer's index as text ("null" for none).
+BLOB_KINDS = ("background", "layer", "composite")
+#: The message of an edit naming a painting dropped to keep to those bounds.
+BLOB_DROPPED = "The painted mask is no longer on this server (it keeps only the latest paintings); paint it again."
+
+
+@dataclass
+class _Painting:
+    """The files of one painting: its background, layers by index, composite; and their bytes in all."""
+
+    background: str | None = None
+    layers: list[str | None] = field(default_factory=list)
+    composite: str | None = None
+    size: int = 0
+
+    def files(self) -> list[str]:
+        return [f for f in [self.background, *self.layers, self.composite] if f is not None]
+
+
+class PainterBlobs:
+    """The mask painter's images sent ahead of the edit that uses them, on disk in ``folder``.
+
+    Gradio keeps them in memory under any id the client makes until an edit names it, and grows a
+    painting's layer list to any index sent (10**9: 8 GB). Here a layer index is below
+    ``max_layers``, at most ``values`` paintings and ``space`` bytes are kept (the least recently
+    sent go first, and an edit naming one is told so), and each is read back by its edit once.
+    """
+
+    def __init__(self, folder: Path, max_layers: int, values: int = BLOB_VALUES, space: int = BLOB_SPACE_MB * MB):
+        self.folder, self.max_layers, self.values, self.space = Path(folder), max_layers, values, space
+        self.kept: OrderedDict[str, _Painting] = OrderedDict()  # oldest first
+        self.dropped: OrderedDict[str, None] = OrderedDict()  # ids dropped lately, to say so
+        self.lock = threading.Lock()  # Gradio calls accept_blobs from worker threads
+
+    def accept(self, data: Any) -> None:
+        """Keep one image of Gradio's ``AcceptBlobs`` (``data.data``: type, index, id; ``data.files``:
+        one (name, bytes)); an HTTP 400 for anything the page does not send."""
+        from fastapi import HTTPException
+
+        fields = getattr(data, "data", None)
+        fields = fields if isinstance(fields, dict) else {}
+        files = getattr(data, "files", None) or []
+        kind, key, index = fields.get("type"), fields.get("id"), str(fields.get("index") or "null")
+        blob = files[0][1] if len(files) == 1 and isinstance(files[0], tuple) and len(files[0]) == 2 else None
+        ok = kind in BLOB_KINDS and isinstance(key, str) and 0 < len(key) <= 100 and isinstance(blob, bytes)
+        ok = ok and (kind != "layer" or index == "null" or (index.isdigit() and int(index) < self.max_layers))
+        if not ok:
+            raise HTTPException(
+                400, f"The painted mask's image is not one the page sends ({self.max_layers} layers at most)."
+            )
+        if kind == "layer" and index == "null":  # a layer with no place: Gradio drops it too
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{secrets.token_hex(16)}.img"
+        path.write_bytes(blob)
+        with self.lock:
+            painting = self.kept.pop(key, None) or _Painting()
+            self.kept[key] = painting  # the newest last
+            self.dropped.pop(key, None)
+            if kind == "layer":
+                i = int(index)
+                painting.layers += [None] * (i + 1 - len(painting.layers))
+                old, painting.layers[i] = painting.layers[i], str(path)
+            else:
+                old = getattr(painting, kind)
+                setattr(painting, kind, str(path))
+            painting.size += len(blob) - _unlink(old)
+            while len(self.kept) > 1 and (
+                len(self.kept) > self.values or sum(p.size for p in self.kept.values()) > self.space
+            ):
+                gone_key, gone = self.kept.popitem(last=False)
+                for f in gone.files():
+                    _unlink(f)
+                self.dropped[gone_key] = None
+                while len(self.dropped) > 1024:
+                    self.dropped.popitem(last=False)
+
+    def take(self, key: str) -> _Painting | None:
+        """The painting ``key``, no longer kept (the caller deletes its files with :meth:`discard`);
+        None if it was never sent. Raises KeyError if it was dropped to keep to the bounds."""
+        with self.lock:
+            if key in self.dropped:
+                raise KeyError(key)
+            return self.kept.pop(key, None)
+
+    @staticmethod
+    def discard(painting: _Painting | None) -> None:
+        for f in painting.files() if painting is not None else []:
+            _unlink(f)
+
+
+def _unlink(path: str | None) -> int:
+    """Delete ``path`` if there is one; its size in bytes (0 if none)."""
+    if path is None:
+        return 0
+    try:
+        size = os.path.getsize(path)
+        os.unlink(path)
+    except OSError:
+        return 0
+    return size

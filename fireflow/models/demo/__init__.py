@@ -37,6 +37,9 @@ BUNDLED = {
 }
 #: The side the demo model was trained at; every input image is resized to it.
 RESOLUTION = 32
+#: Longest side a non-square image is padded to a square at: a longer one is shrunk to it first,
+#: since the white square grows with the long side (a 1x16384 strip would become 16384x16384, 800 MB).
+MAX_PAD_SIDE = 1024
 #: Pixels per patch side: a token holds ``3 * PATCH**2`` channels.
 PATCH = 4
 #: Fixed text length, so that a source and a target prompt give sequences of equal length
@@ -245,7 +248,8 @@ class DemoAdapter(FluxUnguidedAdapter):
 
     def prepare_image(self, image: Image.Image, resize: tuple[int, int] | None = None) -> Image.Image:
         """Resize if asked, then pad to a square on white and resize to 32x32, as the training
-        emoji were drawn. Transparency is composited on white first."""
+        emoji were drawn. Transparency is composited on white first; a non-square image longer than
+        :data:`MAX_PAD_SIDE` is shrunk to it before padding (the square costs its long side squared)."""
         image = to_rgb(image)
         if resize is not None:
             image = image.resize(resize, Image.Resampling.LANCZOS)
@@ -253,6 +257,11 @@ class DemoAdapter(FluxUnguidedAdapter):
         if (w, h) == (self.resolution, self.resolution):
             return image
         side = max(w, h)
+        bound = max(MAX_PAD_SIDE, self.resolution)
+        if w != h and side > bound:
+            w, h = max(1, round(w * bound / side)), max(1, round(h * bound / side))
+            image = image.resize((w, h), Image.Resampling.LANCZOS)
+            side = max(w, h)
         square = Image.new("RGB", (side, side), (255, 255, 255))
         square.paste(image, ((side - w) // 2, (side - h) // 2))
         return square.resize((self.resolution, self.resolution), Image.Resampling.LANCZOS)
