@@ -867,7 +867,7 @@ def test_no_page_action_reads_server_paths(server, photo):
         event = json.load(r)["event_id"]
     with urllib.request.urlopen(f"{server}/gradio_api/call/edit/{event}", timeout=60) as r:
         stream = r.read().decode()
-    assert "event: error" in stream and "not uploaded by a user" in stream, stream
+    assert "event: error" in stream and "not a file this server received as an upload" in stream, stream
     assert "event: complete" not in stream
 
 

@@ -423,3 +423,50 @@ def test_a_huge_prompt_is_refused_by_its_length(slow, hostile):
             "The request is 20.0 MB; this server takes at most 2 MB in a request that is not a file upload "
             "(send images through the upload route)."
         ), reply
+
+
+@needs_gradio
+def test_inputs_gradio_cannot_read_get_one_line_naming_the_input(hostile):
+    """What the page never sends fails in Gradio's own checks, before the edit: the client gets one line
+    naming the page's input (not pydantic's text, not Gradio's "Cannot move ... to the gradio cache dir")."""
+    image = _uploaded(hostile.url)
+    passwd = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+    upload_first = "not a file this server received as an upload; upload it, then send the returned path."
+    for img, fields, want in (
+        ("abc", {}, "“Image (upload or paste)”: text is not accepted; send an upload as the page does."),
+        ([1, 2], {}, "“Image (upload or paste)”: a list is not accepted; send an upload as the page does."),
+        (5, {}, "“Image (upload or paste)”: a number is not accepted; send an upload as the page does."),
+        (passwd, {}, f"“Image (upload or paste)”: {upload_first}"),
+        (image, {"mask_file": json.dumps(passwd)},
+         f"“...or upload a mask image (white = edit, any size)”: {upload_first}"),
+        (image, {"mask_paint": '"zzz"'}, "“Paint the region to edit (white), over the source”: text is not accepted; "
+         "send an upload as the page does."),
+    ):  # fmt: skip
+        assert _error(_raw_edit(hostile.url, img, **fields)) == want
+    req = urllib.request.Request(
+        f"{hostile.url}/gradio_api/call/edit", data=json.dumps({"data": [image]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{hostile.url}/gradio_api/call/edit/{event}", timeout=60) as r:
+        stream = r.read().decode()
+    assert _error(stream) == "The request has 1 inputs; this endpoint takes 15, in the page's order."
+
+
+@needs_gradio
+def test_a_chunked_body_is_refused_in_one_line(hostile):
+    host, port = hostile.url.removeprefix("http://").split(":")
+    for path in ("/gradio_api/call/edit", "/gradio_api/upload"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        conn.send(b"2\r\n{}\r\n0\r\n\r\n")
+        r = conn.getresponse()
+        assert (r.status, r.read().decode().strip()) == (
+            411,
+            "Send the request with a Content-Length header (chunked bodies are refused).",
+        )
+        conn.close()

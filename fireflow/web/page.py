@@ -208,7 +208,56 @@ def build_app(
             event(
                 page_fn, inputs, outputs, api_visibility="private", concurrency_limit=concurrency, concurrency_id="edit"
             )
+    _plain_input_errors(gr, app)
     return app
+
+
+def _plain_input_errors(gr: Any, app: gr.Blocks) -> None:
+    """Inputs the page never sends (an image given as text, a file path that was not uploaded, too
+    few inputs) fail in Gradio's own checks before any handler, with Gradio's multi-line internal
+    text; on ``app`` (this instance only) they are refused with one line naming the page's input."""
+    from gradio.exceptions import Error
+
+    stock = app.preprocess_data
+
+    async def preprocess_data(block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        try:
+            return await stock(block_fn, inputs, state, explicit_call)
+        except Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever Gradio raised, the client gets one line
+            line = await _unaccepted_input(block_fn, inputs, explicit_call, e)
+            raise gr.Error(line, title="Cannot edit", print_exception=False) from None
+
+    app.preprocess_data = preprocess_data
+
+
+async def _unaccepted_input(block_fn: Any, inputs: list[Any], explicit_call: bool, error: Exception) -> str:
+    """The one line for a request Gradio could not read: which input, and what it accepts. Found by
+    checking each input again as Gradio does (a file must be one of this server's uploads, then fit
+    the component's data model); only on this failure path."""
+    from gradio import processing_utils
+    from gradio.exceptions import InvalidPathError
+
+    if len(inputs) != len(block_fn.inputs):
+        return f"The request has {len(inputs)} inputs; this endpoint takes {len(block_fn.inputs)}, in the page's order."
+    for i, (block, value) in enumerate(zip(block_fn.inputs, inputs, strict=True)):
+        if getattr(block, "stateful", False):
+            continue
+        label = getattr(block, "label", None) or f"input {i + 1}"
+        try:
+            cached = await processing_utils.async_move_files_to_cache(
+                value, block, check_in_upload_folder=not explicit_call
+            )
+            model = getattr(block, "data_model", None)
+            if model is not None and cached is not None:
+                model.model_validate(cached, context={"validate_meta": True})
+        except InvalidPathError:
+            return f"“{label}”: not a file this server received as an upload; upload it, then send the returned path."
+        except Exception:  # noqa: BLE001 - the model's own reasons are Gradio's internals
+            got = {str: "text", int: "a number", float: "a number", bool: "true/false", list: "a list"}
+            return f"“{label}”: {got.get(type(value), 'this value')} is not accepted; send an upload as the page does."
+    return f"The request could not be read ({type(error).__name__}); send its inputs as the page does."
 
 
 def _image_input(gr: Any) -> gr.Image:

@@ -69,7 +69,7 @@ class RequestGuard:
         upload = path.endswith(UPLOAD_ROUTES) and headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         limit = self.limits.max_bytes + REQUEST_OVERHEAD if upload else self.limits.max_body
         if length is None and b"transfer-encoding" in headers:
-            await _plain(send, 411, "Send the upload with a Content-Length header.")
+            await _plain(send, 411, "Send the request with a Content-Length header (chunked bodies are refused).")
             return
         try:
             n = int(length or 0)
