@@ -470,3 +470,36 @@ def test_a_chunked_body_is_refused_in_one_line(hostile):
             "Send the request with a Content-Length header (chunked bodies are refused).",
         )
         conn.close()
+
+
+#: Queue joins Gradio answers with a 500 (a traceback in the log) or with pydantic's JSON, and what this server says.
+J = "The queue join"
+BAD_JOINS = [  # (body, what the answer starts with)
+    (b'{"fn_index": 9999, "data": [], "session_hash": "s"}', "fn_index 9999 is not an event of this page; its"),
+    (b'{"fn_index": -1, "data": [], "session_hash": "s"}', "fn_index -1 is not an event of this page; its"),
+    (b'{"fn_index": "x", "data": [], "session_hash": "s"}', f"{J}'s fn_index is text; accepted: a whole number."),
+    (b'{"fn_index": true, "data": []}', f"{J}'s fn_index is true/false; accepted: a whole number."),
+    (b'{"data": [], "session_hash": "s"}', f"{J} has no fn_index; it takes fn_index, data, session_hash"),
+    (b'{"fn_index": 0, "data": "zz"}', f"{J}'s data is text; accepted: a list."),
+    (b'{"fn_index": 0, "data": [], "trigger_id": 1.5}', f"{J}'s trigger_id is a number; accepted: a whole number."),
+    (b"[1, 2]", "A queue join is a JSON object with fn_index, data, session_hash, event_id, trigger_id; this one is"),
+    (b'{"fn_index": 0,', f"{J} is not JSON: Expecting property name enclosed in double quotes at character 15."),
+    (b'{"fn_index": 0, "data": [' + b"9" * 5000 + b"]}", UNREADABLE_REQUEST),
+]
+
+
+@needs_gradio
+def test_malformed_queue_joins_get_one_line_and_no_traceback(hostile):
+    host, port = _address(hostile.url)
+    for body, said in BAD_JOINS:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("POST", "/gradio_api/queue/join", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        status, text = r.status, r.read().decode()
+        conn.close()
+        assert status == 400 and text.startswith(said) and "\n" not in text.strip(), (body[:60], status, text)
+    assert "Traceback" not in hostile.log.read_text()
+    # a well-formed join still reaches Gradio's queue (its event id back)
+    status, text = _post(hostile.url, "/gradio_api/queue/join", {"fn_index": _edit_fn(hostile.url), "data": [],
+                                                                "session_hash": "ok"})  # fmt: skip
+    assert status == 200 and "event_id" in json.loads(text), text

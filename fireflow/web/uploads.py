@@ -100,6 +100,13 @@ class RequestGuard:
                     f"{self.limits.per_client} at once from one client. Wait for one to finish.",
                 )
                 return
+            if path.endswith("/queue/join"):
+                body = await _read_body(receive)
+                refusal = join_refusal(body, self.blocks)
+                if refusal:
+                    await _plain(send, 400, refusal)
+                    return
+                receive = _replay(body)
             self.joining[host] = self.joining.get(host, 0) + 1
             try:
                 await self.app(scope, receive, _own_parse_error(send))
@@ -153,6 +160,65 @@ def queued_by(blocks: Any, host: str) -> int:
         if client is not None and getattr(client, "host", None) == host:
             n += 1
     return n
+
+
+async def _read_body(receive: Any) -> bytes:
+    """The whole request body (already bounded by its declared length)."""
+    parts, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: nothing to answer
+            break
+        parts.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(parts)
+
+
+def _replay(body: bytes) -> Any:
+    """A ``receive`` that hands ``body`` on in one message, then waits as the server's own does."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+#: What a queue join holds, and of which type (Gradio's ``PredictBody``, the fields the page sends).
+JOIN_FIELDS = {"fn_index": int, "data": list, "session_hash": str, "event_id": str, "trigger_id": int}
+_KINDS = {int: "a whole number", list: "a list", str: "text", bool: "true/false", float: "a number", dict: "an object"}
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value), "nothing" if value is None else f"a {type(value).__name__}")
+
+
+def join_refusal(body: bytes, blocks: Any) -> str | None:
+    """One line saying why a queue join cannot be run, or ``None``. Gradio answers a made-up
+    ``fn_index`` with a 500 and a traceback in the log, bad JSON or a mistyped field with pydantic's JSON."""
+    try:
+        job = json.loads(body)
+    except json.JSONDecodeError as e:
+        return f"The queue join is not JSON: {e.msg} at character {e.pos}."
+    except (ValueError, RecursionError):
+        return UNREADABLE_REQUEST
+    if not isinstance(job, dict):
+        return f"A queue join is a JSON object with {', '.join(JOIN_FIELDS)}; this one is {_kind(job)}."
+    for name, kind in JOIN_FIELDS.items():
+        value = job.get(name)
+        if name in ("fn_index", "data") and value is None:
+            return f"The queue join has no {name}; it takes {', '.join(JOIN_FIELDS)}."
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"The queue join's {name} is {_kind(value)}; accepted: {_KINDS[kind]}."
+    events = sorted(getattr(blocks, "fns", None) or {})
+    if job["fn_index"] not in events:
+        shown = f"{events[0]} to {events[-1]}" if events == list(range(events[0], events[-1] + 1)) else str(events)
+        return f"fn_index {job['fn_index']} is not an event of this page; its events are {shown}."
+    return None
 
 
 #: In place of FastAPI's "There was an error parsing the body": what Python's JSON parser refuses
