@@ -358,13 +358,15 @@ def shard_path(out: Path, rank: int) -> Path:
     return Path(out) / f"results.rank{rank}.jsonl"
 
 
-def _all_records(out: Path) -> list[dict[str, Any]]:
+def all_records(out: Path) -> list[dict[str, Any]]:
+    """Every result line of a run folder (``results.jsonl`` and the shards'), repeats included."""
     out = Path(out)
     files = [out / RESULTS, *sorted(out.glob("results.rank*.jsonl"))]
     return [r for f in files for r in _read_jsonl(f)]
 
 
-def _is_done(out: Path, rec: dict[str, Any]) -> bool:
+def result_done(out: Path, rec: dict[str, Any]) -> bool:
+    """Whether a result line stands for a finished edit: ``ok`` and every output file still there."""
     return rec.get("status") == "ok" and all((Path(out) / o).is_file() for o in rec.get("outputs", []))
 
 
@@ -373,14 +375,14 @@ def latest(out: Path, records: Iterable[dict[str, Any]]) -> dict[str, dict[str, 
     best: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: r.get("finished", 0)):
         old = best.get(r["id"])
-        if old is None or _is_done(out, r) or not _is_done(out, old):
+        if old is None or result_done(out, r) or not result_done(out, old):
             best[r["id"]] = r
     return best
 
 
 def read_results(out: Path, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """The results of a run folder, shards merged, one per id (in line order); ``ids``: only those."""
-    best = latest(out, _all_records(out))
+    best = latest(out, all_records(out))
     keep = list(best.values()) if ids is None else [best[i] for i in ids if i in best]
     return sorted(keep, key=lambda r: (r.get("line", 0), r["id"]))
 
@@ -541,10 +543,10 @@ def run_batch(
     if run is None:
         run = {"model": model, "max_batch": max_batch, "settings": settings_json(base)}
     check_run_file(out, run)
-    records = latest(out, _all_records(out))
+    records = latest(out, all_records(out))
     by_id = {ln.id: ln for ln in lines}
     changed = [
-        (ln, r) for i, r in records.items() if (ln := by_id.get(i)) and _is_done(out, r) and r.get("hash") != ln.hash
+        (ln, r) for i, r in records.items() if (ln := by_id.get(i)) and result_done(out, r) and r.get("hash") != ln.hash
     ]
     if changed:
         ln, _ = changed[0]
@@ -599,7 +601,7 @@ def run_batch(
         calls = chunks(lines, max_batch)
         mine = [(gi, c) for gi, c in enumerate(calls) if gi % world == rank]
         summary.share = sum(len(c) for _, c in mine)
-        todo = [(gi, [ln for ln in c if not _is_done(out, records.get(ln.id, {}))]) for gi, c in mine]
+        todo = [(gi, [ln for ln in c if not result_done(out, records.get(ln.id, {}))]) for gi, c in mine]
         todo = [(gi, c) for gi, c in todo if c]
         summary.skipped = summary.share - sum(len(c) for _, c in todo)
         if limit is not None:  # the first `limit` lines still to do (a group may be cut)
@@ -627,7 +629,7 @@ def run_batch(
 
 
 def _complete(out: Path, lines: list[Line]) -> bool:
-    got = latest(out, _all_records(out))
+    got = latest(out, all_records(out))
     return all(ln.id in got for ln in lines)
 
 

@@ -290,12 +290,12 @@ def _adopt_records(out: Path, items: list[PieItem], lines: list[Any], rank: int)
     runner) get a runner result, so that they are not edited again."""
     from fireflow import batch
 
-    done = batch.latest(out, batch._all_records(out))
+    done = batch.latest(out, batch.all_records(out))
     by_id = {ln.id: ln for ln in lines}
     old = [
         it
         for it in items
-        if is_done(out, it) and not batch._is_done(out, done.get(it.key, {})) and by_id[it.key].error is None
+        if is_done(out, it) and not batch.result_done(out, done.get(it.key, {})) and by_id[it.key].error is None
     ]
     if not old:
         return
@@ -403,7 +403,7 @@ def run_pie(
     )
     # A record lost to a kill between the result and its record file is written from the result.
     for rec in batch.read_results(out, list(by_id)):
-        if batch._is_done(out, rec) and not record_path(out, rec["id"]).is_file():
+        if batch.result_done(out, rec) and not record_path(out, rec["id"]).is_file():
             _io.write_json(record_path(out, rec["id"]), _pie_record(by_id[rec["id"]], rec, settings))
     all_done = all(is_done(out, it) for it in items)
     merged = merge_records(out) if all_done else 0
