@@ -3,6 +3,7 @@ and refuses a clip of another length in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,35 @@ def test_validation_clips_are_unseen_and_never_the_tables():
     assert all(bool(C.is_held_out(*_key(c))) for c, _ in val)  # never trained on, like the table's
     assert not table & {_key(c) for c, _ in val}
     assert edit_cases(96, split="validation") == val  # deterministic
+
+
+def test_eval_settings_spec_is_parsed_or_refused_in_one_line():
+    import argparse
+
+    from research.scenes_video.eval import Setting, parse_settings
+
+    assert parse_settings("midpoint-4:0,3") == [Setting("midpoint", 4, 0), Setting("midpoint", 4, 3)]
+    for bad, said in [("rk4-8:1", "SOLVER one of fireflow"), ("fireflow-8", "SOLVER-STEPS:INJECT"),
+                      ("fireflow-2:3", "between 0 and the steps"), ("fireflow-0:0", "at least 1")]:  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            parse_settings(bad)
+
+
+def test_steps_line_says_whether_more_steps_reach_the_bars(tmp_path):
+    from research.scenes_video.examples import steps_line
+
+    def row(steps, inject, hit, iou, consistent):
+        summary = {"frame_hit": hit, "frame_iou": iou, "consistent": consistent}
+        return {"solver": "fireflow", "steps": steps, "inject": inject, "label": f"fireflow-{steps} inject {inject}",
+                "summary": summary}  # fmt: skip
+
+    rows = [row(8, 3, 0.7, 0.77, 0.76), row(16, 0, 0.8, 0.5, 0.8), row(16, 6, 0.74, 0.75, 0.8)]
+    report = {"clips": 96, "editing": rows}
+    (tmp_path / "validation_steps_eval.json").write_text(json.dumps(report))
+    line = steps_line(tmp_path)
+    assert line.startswith("More sampling steps do not reach them") and "--settings fireflow-16:0,6 --tag" in line
+    assert "fireflow-16 inject 6 hit 74%, IoU 0.75, consistent 80%" in line  # the better of 16's by the score
+    report["editing"].append(row(16, 4, 0.75, 0.6, 0.8))
+    (tmp_path / "validation_steps_eval.json").write_text(json.dumps(report))
+    assert steps_line(tmp_path).startswith("More sampling steps reach all three at fireflow-16 inject 4:")
+    assert steps_line(tmp_path / "nothing") == ""
