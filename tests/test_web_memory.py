@@ -137,8 +137,12 @@ def test_only_serve_starts_the_trimmer(monkeypatch, tmp_path):
 
 
 # ---- request bodies ---------------------------------------------------------------------------------
+#: What each POST of :func:`_post` sends (whatever length it declares): a queue join the guard lets through.
+JOIN = b'{"fn_index": 0, "data": []}'
+
+
 def _post(guard: RequestGuard, path: str, length: int, content_type: bytes = b"application/json") -> tuple:
-    """One POST through ``guard`` declaring ``length`` bytes (none sent); (status, body, reached the app)."""
+    """One POST through ``guard`` declaring ``length`` bytes (:data:`JOIN` sent); (status, body, reached the app)."""
     sent, reached = [], []
 
     async def app(scope, receive, send):
@@ -150,7 +154,7 @@ def _post(guard: RequestGuard, path: str, length: int, content_type: bytes = b"a
         sent.append(message)
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": JOIN, "more_body": False}
 
     guard.app = app
     headers = [(b"content-length", str(length).encode()), (b"content-type", content_type)]
@@ -165,7 +169,7 @@ def test_bodies_that_are_not_uploads_are_bounded(monkeypatch, tmp_path):
     with one line, JSON to the upload routes too; their multipart bodies (Gradio's uploads, the
     painter's images) take up to the upload limit."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where the guard looks for uploads to prune
-    blocks = SimpleNamespace(_queue=None, upload_file_set=set())
+    blocks = SimpleNamespace(_queue=None, upload_file_set=set(), fns={0: None})
     guard = RequestGuard(None, blocks=blocks, limits=UploadLimits())
     refusal = (
         "The request is {} MB; this server takes at most 2 MB in a request that is not a file upload "
@@ -248,3 +252,17 @@ def test_session_state_is_bounded():
     got = {}
     launch(SimpleNamespace(launch=lambda **kwargs: got.update(kwargs)), port=1)
     assert got["state_session_capacity"] == STATE_SESSIONS == 256
+
+
+def test_join_refusal_names_the_pages_events():
+    from fireflow.web.uploads import join_refusal
+
+    page = SimpleNamespace(fns={0: None, 1: None, 5: None})
+    assert join_refusal(b'{"fn_index": 5, "data": [1], "session_hash": "s", "trigger_id": null}', page) is None
+    assert join_refusal(b'{"fn_index": 2, "data": []}', page) == (
+        "fn_index 2 is not an event of this page; its events are [0, 1, 5]."
+    )
+    assert join_refusal(b'{"fn_index": 2, "data": []}', SimpleNamespace(fns={0: None, 1: None, 2: None})) is None
+    assert join_refusal(b'{"fn_index": 0, "data": [], "session_hash": 7}', page) == (
+        "The queue join's session_hash is a whole number; accepted: text."
+    )

@@ -215,7 +215,7 @@ def join_refusal(body: bytes, blocks: Any) -> str | None:
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"The queue join's {name} is {_kind(value)}; accepted: {_KINDS[kind]}."
     events = sorted(getattr(blocks, "fns", None) or {})
-    if job["fn_index"] not in events:
+    if events and job["fn_index"] not in events:  # no events known: Gradio's own answer
         shown = f"{events[0]} to {events[-1]}" if events == list(range(events[0], events[-1] + 1)) else str(events)
         return f"fn_index {job['fn_index']} is not an event of this page; its events are {shown}."
     return None
