@@ -266,3 +266,27 @@ def test_join_refusal_names_the_pages_events():
     assert join_refusal(b'{"fn_index": 0, "data": [], "session_hash": 7}', page) == (
         "The queue join's session_hash is a whole number; accepted: text."
     )
+
+
+def test_gradios_queue_full_is_one_line_with_its_status():
+    from fireflow.web.uploads import _own_errors
+
+    def through(status: int, body: bytes) -> tuple[int, str]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def answer():
+            wrapped = _own_errors(send)
+            await wrapped({"type": "http.response.start", "status": status, "headers": []})
+            await wrapped({"type": "http.response.body", "body": body})
+
+        asyncio.run(answer())
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]).decode()
+
+    full = b'{"detail":"Queue is full. Max size is 32 and size is 32."}'
+    said = "The server is busy: its queue is full (at most 32 edits wait). Try again when an edit has finished."
+    assert through(503, full) == (503, said)
+    assert through(503, b'{"detail":"other"}') == (503, '{"detail":"other"}')  # not the queue's: as it was
+    assert through(200, b"ok") == (200, "ok")

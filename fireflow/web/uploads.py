@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -109,7 +110,7 @@ class RequestGuard:
                 receive = _replay(body)
             self.joining[host] = self.joining.get(host, 0) + 1
             try:
-                await self.app(scope, receive, _own_parse_error(send))
+                await self.app(scope, receive, _own_errors(send))
             finally:
                 self.joining[host] -= 1
                 if not self.joining[host]:
@@ -226,18 +227,26 @@ def join_refusal(body: bytes, blocks: Any) -> str | None:
 UNREADABLE_REQUEST = "The edit request cannot be read: a number in it has more than 4300 digits, or it nests too deep."
 
 
-def _own_parse_error(send: Any) -> Any:
-    """``send``, with FastAPI's 400 for a body its JSON parser gave up on replaced by :data:`UNREADABLE_REQUEST`."""
+def _own_errors(send: Any) -> Any:
+    """``send``, with two of Gradio's JSON answers to a queue join replaced by one line: FastAPI's 400
+    for a body its JSON parser gave up on (:data:`UNREADABLE_REQUEST`), and the queue's 503 when it is
+    full. The status stays, which is what the page and ``gradio_client`` act on."""
     held: list[dict] = []
 
     async def wrapped(message: dict) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 400:
+        if message["type"] == "http.response.start" and message["status"] in (400, 503):
             held.append(message)  # until its body shows what it is
             return
         if held and message["type"] == "http.response.body":
-            start = held.pop()
-            if b"There was an error parsing the body" in message.get("body", b""):
+            start, body = held.pop(), message.get("body", b"")
+            if start["status"] == 400 and b"There was an error parsing the body" in body:
                 await _plain(send, 400, UNREADABLE_REQUEST)
+                return
+            if start["status"] == 503 and b"Queue is full" in body:
+                size = re.search(rb"Max size is (\d+)", body)
+                most = f" (at most {int(size[1])} edits wait)" if size else ""
+                text = f"The server is busy: its queue is full{most}. Try again when an edit has finished."
+                await _plain(send, 503, text)
                 return
             await send(start)
         await send(message)
