@@ -107,7 +107,7 @@ class RequestGuard:
                 if refusal:
                     await _plain(send, 400, refusal)
                     return
-                receive = _replay(body)
+                receive = _replay(body, receive)
             self.joining[host] = self.joining.get(host, 0) + 1
             try:
                 await self.app(scope, receive, _own_errors(send))
@@ -175,18 +175,19 @@ async def _read_body(receive: Any) -> bytes:
     return b"".join(parts)
 
 
-def _replay(body: bytes) -> Any:
-    """A ``receive`` that hands ``body`` on in one message, then waits as the server's own does."""
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands ``body`` on in one message, then is the server's own again (which
+    waits for the client to leave), so nothing downstream is told of a disconnect that did not happen."""
     sent = False
 
-    async def receive() -> dict:
+    async def replay() -> dict:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
 
 
 #: What a queue join holds, and of which type (Gradio's ``PredictBody``, the fields the page sends).
@@ -228,9 +229,10 @@ UNREADABLE_REQUEST = "The edit request cannot be read: a number in it has more t
 
 
 def _own_errors(send: Any) -> Any:
-    """``send``, with two of Gradio's JSON answers to a queue join replaced by one line: FastAPI's 400
-    for a body its JSON parser gave up on (:data:`UNREADABLE_REQUEST`), and the queue's 503 when it is
-    full. The status stays, which is what the page and ``gradio_client`` act on."""
+    """``send``, with two of Gradio's JSON answers to an edit request (a queue join, ``/call/``)
+    replaced by one line: FastAPI's 400 for a body its JSON parser gave up on
+    (:data:`UNREADABLE_REQUEST`), and the queue's 503 when it is full. The status stays, which is
+    what the page and ``gradio_client`` act on."""
     held: list[dict] = []
 
     async def wrapped(message: dict) -> None:
