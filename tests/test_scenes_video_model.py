@@ -145,14 +145,20 @@ def test_steps_line_says_whether_more_steps_reach_the_bars(tmp_path):
 def test_training_line_compares_the_longer_run_with_the_bundled_weights(tmp_path):
     from research.scenes_video.examples import training_line
 
-    def report(hit, iou, consistent, **extra):
+    def report(hit, iou, consistent):
         summary = {"frame_hit": hit, "frame_iou": iou, "consistent": consistent}
-        return {"editing": [{"label": "fireflow-8 inject 3", "summary": summary}], **extra}
+        return {"editing": [{"label": "fireflow-8 inject 3", "summary": summary}]}
 
-    assert training_line(tmp_path, 3) == ""  # no longer run: nothing said
+    runs = tmp_path / "runs"
+    (runs / "more").mkdir(parents=True)
+    assert training_line(tmp_path, 3, runs) == ""  # no longer run: nothing said
     (tmp_path / "validation_eval.json").write_text(json.dumps(report(0.705, 0.765, 0.76)))
-    training = {"steps": 4000, "lr": 1.2e-4, "minutes": 59.6, "heldout_loss": [0.07119, 0.06946]}
-    (tmp_path / "validation_trained_more_eval.json").write_text(json.dumps(report(0.69, 0.76, 0.74, training=training)))
-    line = training_line(tmp_path, 3)
-    assert "4,000 more steps" in line and "from 0.0712 to 0.0695" in line
+    (tmp_path / "validation_trained_more_eval.json").write_text(json.dumps(report(0.69, 0.76, 0.74)))
+    (runs / "probes.jsonl").write_text(json.dumps({"step": 10500, "heldout_loss": 0.07119}) + "\n")
+    probes = [{"step": 500, "heldout_loss": 0.0722}, {"step": 4000, "heldout_loss": 0.06946}]
+    (runs / "more" / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+    log = [{"step": 50, "lr": 1.2e-4, "elapsed_s": 47.5}, {"step": 4000, "lr": 2.4e-6, "elapsed_s": 3571.7}]
+    (runs / "more" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    line = training_line(tmp_path, 3, runs)
+    assert "4,000 more steps" in line and "(LR 0.00012, 60 min;" in line and "from 0.0712 to 0.0695" in line
     assert "at 69% / 0.76 / 74% (hit / IoU / consistent; bundled: 70% / 0.77 / 76%" in line

@@ -189,20 +189,40 @@ def _figures(report: dict, inject: int) -> str:
     return f"{m['frame_hit']:.0%} / {m['frame_iou']:.2f} / {m['consistent']:.0%}"
 
 
-def training_line(docs: Path, inject: int) -> str:
-    """What 4,000 more training steps gave on the validation clips (``validation_trained_more_eval.json``
-    against ``validation_eval.json``, FireFlow 8 at ``inject``), or ''."""
-    more, now = docs / "validation_trained_more_eval.json", docs / "validation_eval.json"
-    if not (more.is_file() and now.is_file()):
+RUNS = ROOT / "research" / "scenes_video" / "runs"
+
+
+def _jsonl(file: Path) -> list[dict]:
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def training_line(docs: Path, inject: int, runs: Path = RUNS) -> str:
+    """What the longer run (``runs/more``, started from the bundled weights) gave on the validation
+    clips (``validation_trained_more_eval.json`` against ``validation_eval.json``, FireFlow 8 at
+    ``inject``), from the committed logs and reports; '' without them."""
+    files = [docs / "validation_trained_more_eval.json", docs / "validation_eval.json"]
+    files += [runs / "probes.jsonl", runs / "more" / "probes.jsonl", runs / "more" / "log.jsonl"]
+    if not all(f.is_file() for f in files):
         return ""
-    more_r, now_r = json.loads(more.read_text()), json.loads(now.read_text())
-    t = more_r["training"]
+    more_r, now_r = (json.loads(f.read_text()) for f in files[:2])
+    before, after, log = _jsonl(files[2])[-1], _jsonl(files[3])[-1], _jsonl(files[4])
     return (
-        f"Nor does more training of this model: {t['steps']:,} more steps from the bundled weights "
-        f"(LR {t['lr']:g}, {t['minutes']:.0f} min; `research/scenes_video/runs/more`) lowered the held-out loss from "
-        f"{t['heldout_loss'][0]:.4f} to {t['heldout_loss'][1]:.4f} but left FireFlow 8 at inject {inject} on the "
-        f"validation clips at {_figures(more_r, inject)} (hit / IoU / consistent; bundled: {_figures(now_r, inject)}; "
-        "`docs/scenes_video/validation_trained_more_eval.json`), so those weights were not bundled. "
+        f"Nor does more training of this model: {after['step']:,} more steps from the bundled weights "
+        f"(LR {max(r['lr'] for r in log):g}, {log[-1]['elapsed_s'] / 60:.0f} min; `research/scenes_video/runs/more`) "
+        f"lowered the held-out loss from {before['heldout_loss']:.4f} to {after['heldout_loss']:.4f} but left "
+        f"FireFlow 8 at inject {inject} on the validation clips at {_figures(more_r, inject)} (hit / IoU / "
+        f"consistent; bundled: {_figures(now_r, inject)}; `docs/scenes_video/validation_trained_more_eval.json`), "
+        "so those weights were not bundled. "
+    )
+
+
+def probe_line(runs: Path = RUNS) -> str:
+    """The bundled run's last probe: how often the model's own clips show the named object, and one
+    object throughout."""
+    last = _jsonl(runs / "probes.jsonl")[-1]
+    return (
+        f"in its last training probe the model draws the named object in {last['gen_object']:.0%} of frames and "
+        f"keeps one object through all six frames in {last['gen_same_object_all_frames']:.0%} of the clips"
     )
 
 
@@ -217,8 +237,7 @@ def verdict(step: str, missed: list[str], reached: list[str], steps: str = "", t
         + ". "
         + steps
         + training
-        + "The misses are the generator's: in its training probes the model draws the named object in about 62% "
-        "of frames and keeps one object through all six frames in half of the clips (its model card), and failed "
+        + f"The misses are the generator's: {probe_line()} (its model card), and failed "
         "edits fail the same way (the sprite shrinks, changes or turns into a blotch: the contact sheets). A larger "
         "model trained far longer, which a lent GPU would make possible, is what we expect to reach them; that is "
         "not measured."
