@@ -28,7 +28,7 @@ def test_tiny_reports_every_field_and_a_small_overhead(tmp_path):
     argv = [*TINY, "--sizes", "128", "--repeats", "7", "--targets", "2"]
     assert speed.main([*argv, "--out", str(tmp_path), "--tag", "t"]) == 0
     kinds = _by_kind(_records(tmp_path, "t"))
-    assert set(kinds) == {"text_encode", "edit", "batched_edit", "vae_encode", "vae_decode"}
+    assert set(kinds) == {"text_encode", "edit", "batched_edit", "reference", "vae_encode", "vae_decode"}
     edit = kinds["edit"]
     for field in ("s", "nfe", "forward_s", "overhead_ratio", "peak_memory_gib", "card", "torch", "diffusers", "date"):
         assert field in edit, field
@@ -37,6 +37,10 @@ def test_tiny_reports_every_field_and_a_small_overhead(tmp_path):
     paired = sorted(e / (18 * f) for e, f in zip(edit["runs"], edit["forward_runs"]))
     assert edit["overhead_ratio"] == pytest.approx(paired[len(paired) // 2])
     assert edit["overhead_ratio"] <= 1.15, edit
+    # The reference loop computes the same edit (fp32 here: to rounding), and the edit is timed against it.
+    reference = kinds["reference"]
+    assert reference["nfe"] == 18 and reference["finite"] and reference["rel_diff_to_edit"] < 1e-5
+    assert edit["vs_reference"] == pytest.approx(edit["s"] / reference["s"])
     batched = kinds["batched_edit"]
     assert batched["targets"] == 2 and batched["per_target_s"] == pytest.approx(batched["s"] / 2)
     assert all(kinds[k]["s"] > 0 for k in kinds)
@@ -54,8 +58,25 @@ def test_tiny_reports_every_field_and_a_small_overhead(tmp_path):
 def test_memory_options_run(tmp_path, options):
     argv = [*TINY, *options, "--sizes", "64", "--parts", "edit", "forward", "--warmup", "0", "--repeats", "1"]
     assert speed.main([*argv, "--out", str(tmp_path), "--tag", "m"]) == 0
-    (edit,) = _records(tmp_path, "m")
-    assert edit["kind"] == "edit" and edit["finite"], edit
+    records = _by_kind(_records(tmp_path, "m"))
+    edit = records["edit"]
+    assert edit["finite"], edit
+    if "--weights" in options:  # fp8 storage moves the velocity, by a small relative amount
+        assert 1e-4 < records["deviation"]["velocity_rel_err"] < 0.2, records["deviation"]
+    else:
+        assert "deviation" not in records
+
+
+def test_precision_part_compares_the_same_edit_in_two_dtypes(tmp_path):
+    argv = [*TINY, "--parts", "precision", "--sizes", "64", "--warmup", "0", "--repeats", "1"]
+    assert speed.main([*argv, "--dtype", "bf16", "--out", str(tmp_path), "--tag", "p"]) == 0
+    (rec,) = _records(tmp_path, "p")
+    assert rec["kind"] == "precision" and rec["dtype"] == "bfloat16" and rec["nfe"] == 18
+    assert 1e-4 < rec["latents_rel_err"] < 0.5 and rec["fp32_s"] > 0 and rec["s"] > 0  # bf16 rounds, it does not break
+    # The same weights in fp32 both times: no difference at all.
+    assert speed.main([*argv, "--dtype", "fp32", "--out", str(tmp_path), "--tag", "p32"]) == 0
+    (same,) = _records(tmp_path, "p32")
+    assert same["latents_rel_err"] == 0.0
 
 
 def test_fp8_weights_keep_the_compute_dtype():

@@ -10,7 +10,9 @@ import torch
 
 OFFLOADS = ("none", "group", "group-leaf", "model")  # model: whole components (end-to-end runs only)
 WEIGHTS = ("native", "fp8")  # native: stored in the compute dtype
-QUANTIZE = ("none", "torchao-int8wo", "torchao-fp8wo", "bnb-nf4")
+#: torchao-fp8dq: float8 weights and float8 activations quantized per row on the fly, so the linear
+#: layers' matmuls run in fp8 (Hopper and newer); the others store weights only and compute in bf16.
+QUANTIZE = ("none", "torchao-int8wo", "torchao-fp8wo", "torchao-fp8dq", "bnb-nf4")
 
 
 class Unavailable(RuntimeError):
@@ -40,6 +42,9 @@ def apply_quantization(transformer: torch.nn.Module, method: str) -> None:
             config = q.Int8WeightOnlyConfig() if hasattr(q, "Int8WeightOnlyConfig") else q.int8_weight_only()
         elif method == "torchao-fp8wo":
             config = q.Float8WeightOnlyConfig() if hasattr(q, "Float8WeightOnlyConfig") else q.float8_weight_only()
+        elif method == "torchao-fp8dq":
+            # Per-row scales: the granularity torchao recommends for fp8 matmuls on Hopper.
+            config = q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow())
         else:
             raise ValueError(f"unknown quantization {method!r}; accepted: {', '.join(QUANTIZE)}")
         q.quantize_(transformer, config)

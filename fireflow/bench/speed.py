@@ -8,8 +8,16 @@ device (no download: speed does not depend on the weights' values) and times, pe
 * ``forward``: one bare transformer call with diffusers' own attention processors and the same
   inputs, so ``overhead_ratio = edit / (NFE x forward)`` is what the editor adds around the model;
 * ``batched``: one inversion serving ``--targets`` edits in one batch, and its time per target;
+* ``reference``: the reference implementation's loop (BFL-style, features in a dict keyed by
+  strings; ``fireflow.bench._reference``) on the same transformer and inputs, so that a card
+  without a published reference timing gets one from the same run (eager runs only);
 * ``vae_encode`` / ``vae_decode`` at that size, and once the text encoders (T5 at 512 tokens and
   CLIP; tokenisation excluded: it runs on the CPU in well under a millisecond).
+
+With ``--weights`` or ``--quantize``, a ``deviation`` record gives the relative error of one velocity
+(the bare forward at the largest size) against the same weights before the option was applied.
+``--parts precision`` (on its own) runs the edit in fp32, then with the same weights in the chosen
+dtype, and reports the relative error of the final latents.
 
 Each timing has warm-up runs, a device synchronisation around every run, and reports the median.
 Memory options (``--offload``, ``--weights fp8``, ``--quantize``) and ``--memory-limit-gib`` (to
@@ -47,8 +55,9 @@ from fireflow.models.base import Geometry
 
 NUM_STEPS = 8
 GIB = 2**30
-PARTS = ("edit", "forward", "batched", "vae", "text", "e2e")  # e2e: image to image, on its own
-DEFAULT_PARTS = PARTS[:-1]
+#: e2e (image to image) and precision (fp32 against the chosen dtype) run on their own.
+PARTS = ("edit", "forward", "batched", "reference", "vae", "text", "e2e", "precision")
+DEFAULT_PARTS = PARTS[:-2]
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ class Workload:
     def __init__(self, editor, spec: ModelSpec, size: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
         cfg = spec.transformer
         g = torch.Generator(device).manual_seed(seed)
-        self.editor, self.size, self.device, self.dtype = editor, size, device, dtype
+        self.editor, self.spec, self.size, self.device, self.dtype = editor, spec, size, device, dtype
         self.tokens = spec.tokens(size)
         self.latents = torch.randn(1, self.tokens, cfg["in_channels"], generator=g, device=device)
 
@@ -183,6 +192,25 @@ class Workload:
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
         return self.editor.transformer(**self.forward_kwargs)[0]
+
+    def reference(self) -> torch.Tensor:
+        """The same edit (8 steps, inject 1, guidance 2) by the reference implementation's loop."""
+        from fireflow.bench._reference import reference_edit
+
+        side = self.size // (2 * self.spec.vae_scale_factor)
+        return reference_edit(
+            self.editor.transformer,
+            self.latents.to(self.dtype),
+            self.source[0],
+            self.source[1],
+            self.target[0],
+            self.target[1],
+            side,
+            side,
+            NUM_STEPS,
+            inject=1,
+            guidance=2.0,
+        )
 
     def batched_targets(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.target[0].expand(n, -1, -1).contiguous(), self.target[1].expand(n, -1).contiguous()
@@ -320,6 +348,9 @@ def run(args: argparse.Namespace) -> Results:
     if "e2e" in parts:
         records.add(run_e2e(args, spec, device, dtype, sizes, common))
         return records
+    if "precision" in parts:
+        records.add(run_precision(args, spec, device, dtype, sizes, common))
+        return records
     if "text" in parts:
         text = time_text(spec, device, dtype, args.warmup, args.repeats)
         records.add([{**common, "kind": "text_encode", "s": text["s"], "peak_memory_gib": text["peak_gib"]}])
@@ -329,12 +360,19 @@ def run(args: argparse.Namespace) -> Results:
     build_start = time.perf_counter()
     transformer = build_transformer(spec, device, dtype)
     vae = build_vae(spec, device, dtype) if "vae" in parts else None
+    editor = FireFlowEditor(transformer=transformer)
+    changed = args.weights != "native" or args.quantize != "none"
+    before = Workload(editor, spec, sizes[-1], device, dtype).forward().float() if changed else None
     failed = _prepare_weights(transformer, args, dtype)
     if failed is not None:
         records.add([{**common, **failed}])
         return records
+    if before is not None:
+        after = Workload(editor, spec, sizes[-1], device, dtype).forward().float()
+        err = float((after - before).norm() / before.norm())
+        records.add([{**common, "kind": "deviation", "size": sizes[-1], "velocity_rel_err": err}])
+        del before, after
     memory.apply_offload(transformer, args.offload, device)
-    editor = FireFlowEditor(transformer=transformer)
     if args.compile:
         _configure_compile()
     backends = args.attention_backend or [None]
@@ -391,6 +429,37 @@ def run_e2e(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, siz
             kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
             out.append({**rec, "error": f"{kind}: {str(e).splitlines()[0]}"})
             _free()
+    return out
+
+
+def run_precision(args, spec: ModelSpec, device: torch.device, dtype: torch.dtype, sizes, common: dict) -> list[dict]:
+    """The edit in fp32, then with the same weights cast to ``dtype``: the relative error of the
+    final latents, and the time of each (random weights: trained ones may differ)."""
+    from fireflow.editor import FireFlowEditor
+
+    transformer = build_transformer(spec, device, torch.float32)
+    editor = FireFlowEditor(transformer=transformer)
+    base = {**common, "kind": "precision", "dtype": str(dtype).removeprefix("torch."), "reference_dtype": "float32"}
+    out = []
+    for size in sizes:
+        rec = {**base, "size": size, "tokens": spec.tokens(size)}
+        try:
+            results = {}
+            timings = {}
+            for d in (torch.float32, dtype):  # fp32 first: the cast to the lower precision is one way
+                transformer.to(d)
+                w = Workload(editor, spec, size, device, d)
+                timings[d] = measure(
+                    lambda w=w, d=d, r=results: r.__setitem__(d, w.edit()), device, args.warmup, args.repeats
+                )
+            ref, got = results[torch.float32].float(), results[dtype].float()
+            err = float((got - ref).norm() / ref.norm())
+            tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+            rec |= {"s": timings[dtype]["s"], "fp32_s": timings[torch.float32]["s"], "latents_rel_err": err}
+            out.append({**rec, "nfe": 2 * solvers.nfe("fireflow", NUM_STEPS), "tf32": tf32})
+        except RuntimeError as e:  # out of memory (a RuntimeError too)
+            out.append({**rec, "kind": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+        _free()
     return out
 
 
@@ -451,6 +520,18 @@ def _run_size(editor, vae, spec, size, device, dtype, parts, args, common) -> li
                     "peak_memory_gib": r["peak_gib"],
                 }
             )
+        if "reference" in parts and not args.compile:  # the reference loop swaps processors: eager only
+            r = measure(w.reference, device, args.warmup, args.repeats)
+            latents = w.reference()
+            ref = {**base, "kind": "reference", "s": r["s"], "runs": r["runs"], "nfe": nfe}
+            ref |= {"peak_memory_gib": r["peak_gib"], "finite": bool(torch.isfinite(latents).all())}
+            for rec in out:
+                if rec["kind"] == "edit":
+                    # Both sides compute the same edit: their distance says the timing compares like with like.
+                    ours = w.edit().float()
+                    rec["vs_reference"] = rec["s"] / r["s"]
+                    ref["rel_diff_to_edit"] = float((ours - latents.float()).norm() / latents.float().norm())
+            out.append(ref)
         if vae is not None:
             out += _time_vae(vae, spec, size, device, dtype, args, base)
     except torch.OutOfMemoryError as e:
@@ -502,12 +583,25 @@ def _config(r: dict) -> str:
     return " ".join(bits)
 
 
+#: Figures a record may carry that the table shows in its note column.
+NOTES = {
+    "velocity_rel_err": "velocity rel. error",
+    "latents_rel_err": "latents rel. error vs fp32",
+    "rel_diff_to_edit": "rel. difference to fireflow's edit",
+}
+
+
 def table(records: list[dict]) -> str:
     """A markdown table of the records: one row per measurement."""
-    head = "| model | config | what | size | s | NFE | forward s | overhead | per target s | peak GiB | note |"
+    head = (
+        "| model | config | what | size | s | NFE | forward s | overhead | vs ref. | per target s | peak GiB | note |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         note = r.get("error") or ("" if r.get("finite", True) else "non-finite output")
+        for key, label in NOTES.items():
+            if r.get(key) is not None:
+                note = f"{label} {r[key]:.2e}" + (f"; {note}" if note else "")
         rows.append(
             "| "
             + " | ".join(
@@ -520,6 +614,7 @@ def table(records: list[dict]) -> str:
                     _fmt(r.get("nfe")),
                     _fmt(r.get("forward_s"), digits=4),
                     _fmt(r.get("overhead_ratio")),
+                    _fmt(r.get("vs_reference")),
                     _fmt(r.get("per_target_s"), digits=4),
                     _fmt(r.get("peak_memory_gib"), digits=2),
                     note,
