@@ -7,26 +7,19 @@ smoke runs. Each family folder contributes its variants through its own ``tiny``
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fireflow.models import FAMILY_MODULES
+from fireflow.models import family_parts
 
 
 def variants() -> dict[str, Callable[..., Path]]:
     """Tiny-model variant name -> writer ``(path, variant, seed) -> path``, over all families."""
     out: dict[str, Callable[..., Path]] = {}
-    for package in FAMILY_MODULES:
-        try:
-            module = importlib.import_module(package + ".tiny")
-        except ModuleNotFoundError as e:
-            if e.name != package + ".tiny":
-                raise
-            continue
+    for module in family_parts("tiny"):
         out.update(module.VARIANTS)
     return out
 

@@ -542,3 +542,16 @@ def test_web_page_edits_with_a_tiny_flux2(folders, tmp_path, monkeypatch):
     direct = editor.edit(Image.open(photo), "a photo", "a painting", num_steps=2, guidance=2.0)
     shown = np.asarray(Image.open(edit).convert("RGB")).astype(int)
     assert shown.shape == (48, 64, 3) and np.abs(shown - np.asarray(direct.image)).max() <= 1
+
+
+def test_a_bare_klein_transformer_edits_packed_latents(editors, embeds):
+    # No VAE, so no BatchNorm statistics to give the VAE's own layout: the edit returns packed tokens,
+    # the same edit as the pipeline's editor (whose result is in the VAE's layout) once packed.
+    piped = editors["flux2-klein"]
+    bare = FireFlowEditor(transformer=piped.transformer)
+    x = piped.adapter.from_pipeline_latents(latents(), Geometry(H, W))
+    got = bare.edit_latents(x, H, W, num_steps=3, **embeds["flux2-klein"])
+    assert got.shape == x.shape == (1, 12, 16)
+    want = piped.edit_latents(latents(), H, W, num_steps=3, **embeds["flux2-klein"])
+    assert want.dim() == 4  # [klein]'s pipeline layout: the VAE's own latents
+    assert rel(got, piped.adapter.from_pipeline_latents(want, Geometry(H, W))) < 1e-5

@@ -81,9 +81,13 @@ def apply_offload(transformer: torch.nn.Module, offload: str, device: torch.devi
 def limit_memory(device: torch.device, gib: float | None) -> float | None:
     """Emulate a smaller card: cap this process's CUDA allocations at ``gib`` GiB.
 
-    Returns the fraction of the card set, or None where there is nothing to cap (no limit, or a CPU).
+    Returns the fraction of the card set, or None where there is nothing to cap (no limit, or a
+    CPU); ``gib=None`` on a GPU lifts a cap set before.
     """
-    if gib is None or device.type != "cuda":
+    if device.type != "cuda":
+        return None
+    if gib is None:  # lift a cap set before
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
         return None
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = min(1.0, gib * 2**30 / total)

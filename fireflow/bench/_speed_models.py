@@ -11,19 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: FLUX.1-dev's transformer (``black-forest-labs/FLUX.1-dev/transformer/config.json``), 11.9 B parameters.
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+from fireflow.models.flux.released import RELEASED
+
+#: FLUX.1-dev's transformer (its released ``transformer/config.json``), 11.9 B parameters.
+FLUX_DEV_TRANSFORMER = RELEASED["flux.1-dev"].config
 #: FLUX.1's VAE (16 latent channels, downsampling by 8).
 FLUX_DEV_VAE = dict(
     in_channels=3,
@@ -132,6 +123,18 @@ def fill_random_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> t
     return module
 
 
+def keep_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Put back in fp32 the modules a model asks to keep there (``_keep_in_fp32_modules``: Wan's
+    norms, time embedder, modulation tables), as ``from_pretrained(torch_dtype=...)`` does: a
+    parameter is kept when one of the listed names is a component of its path."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not keep or dtype not in (torch.float16, torch.bfloat16):
+        return
+    for name, p in model.named_parameters():
+        if keep & set(name.split(".")):
+            p.data = p.data.to(torch.float32)
+
+
 def materialize(factory, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """Build ``factory()`` on the meta device, then allocate it on ``device`` and fill it.
 
@@ -145,6 +148,7 @@ def materialize(factory, device: torch.device | str, dtype: torch.dtype, seed: i
     # Cast while still on meta: allocating fp32 first would need twice the memory at the peak.
     # ``to(dtype)`` leaves integer buffers integral.
     model.to(dtype)
+    keep_fp32(model, dtype)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
     for name, b in model.named_buffers():

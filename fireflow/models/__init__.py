@@ -31,6 +31,7 @@ __all__ = [
     "adapter_from_transformer",
     "describe",
     "family",
+    "family_parts",
     "registry",
     "require_pipeline",
     "load_adapter",
@@ -50,6 +51,19 @@ FAMILY_MODULES: tuple[str, ...] = (
     "fireflow.models.wan",
     "fireflow.models.zimage",
 )
+
+
+def family_parts(name: str) -> list:
+    """Each family's ``<family>.<name>`` module, where the family has one (``tiny``: its test
+    pipelines; ``released``: its checkpoints' shapes for the benchmark)."""
+    out = []
+    for package in FAMILY_MODULES:
+        try:
+            out.append(importlib.import_module(f"{package}.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{name}":
+                raise
+    return out
 
 
 @dataclass(frozen=True)

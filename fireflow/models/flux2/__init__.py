@@ -169,8 +169,10 @@ class Flux2Adapter(PipelineAdapter):
 
     def to_pipeline_latents(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """What the pipeline's ``output_type="latent"`` returns: packed tokens for [dev], the
-        VAE's own latents for [klein]."""
-        return self.vae_latents(latents, geometry) if self.vae_latent_output else latents
+        VAE's own latents for [klein]. A bare [klein] transformer has no VAE, so none of its
+        BatchNorm statistics: its latents stay packed tokens, the layout they came in."""
+        has_vae = self.pipe is not None and getattr(self.pipe, "vae", None) is not None
+        return self.vae_latents(latents, geometry) if self.vae_latent_output and has_vae else latents
 
     def to_pipeline_noise(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """Both pipelines' ``latents=`` take ``[B, 128, H/16, W/16]``."""
