@@ -136,3 +136,25 @@ def test_end_to_end_pipeline_edit(tmp_path):
     assert speed.main([*argv, "--warmup", "0", "--repeats", "1", "--out", str(tmp_path), "--tag", "e"]) == 0
     (rec,) = _records(tmp_path, "e")
     assert rec["kind"] == "e2e_edit" and rec["nfe"] == 18 and rec["s"] > 0 and "error" not in rec
+
+
+def test_bars_read_the_issues_limits_off_the_records():
+    base = {"model": "flux-dev", "size": 1024, "card": "NVIDIA H200", "offload": "none", "weights": "native"}
+    records = [
+        {**base, "kind": "edit", "s": 3.6, "overhead_ratio": 1.03, "compile": False},
+        {**base, "kind": "reference", "s": 3.8, "compile": False},
+        {**base, "kind": "edit", "s": 2.5, "overhead_ratio": 1.12, "compile": True},
+        {**base, "kind": "edit", "s": 5.0, "weights": "fp8", "memory_limit_gib": 14},
+        {**base, "kind": "edit", "memory_limit_gib": 22, "error": "out of memory: ..."},
+        {**base, "kind": "edit", "s": 0.1, "size": 512, "compile": False},  # a smaller size is not judged
+    ]
+    ref, eager, compiled, fit22, fit14 = speed.bars(records)
+    assert ref.startswith(
+        "fastest edit / the reference implementation's, same card at 1024²: 0.658 (bar <= 0.70): reached"
+    )
+    assert "compiled edit 2.500 s, reference 3.800 s" in ref and "0.668 of the published H200 figure" in ref
+    assert eager.endswith("1.030 (bar <= 1.05): reached")
+    assert compiled.endswith("1.120 (bar <= 1.10): NOT reached")
+    assert fit22 == "1024² edit within 22 GiB: no configuration measured to fit"  # its one try ran out of memory
+    assert fit14.startswith("1024² edit within 14 GiB: fits, fastest as") and "5.000 s" in fit14
+    assert speed.bars([]) == [f"{name}: not measured" for name, _ in speed.BARS.values()]

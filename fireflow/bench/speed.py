@@ -632,7 +632,84 @@ def summarize(folder: Path) -> tuple[list[dict], str]:
         records += json.loads(path.read_text())["records"]
     seen = sorted({(r.get("card"), r.get("torch"), r.get("diffusers"), r.get("date", "")[:10]) for r in records})
     lines = [f"- {c}, torch {t}, diffusers {d}, {day}" for c, t, d, day in seen]
-    return records, "\n".join(lines) + "\n\n" + table(records) + "\n"
+    checks = "\n".join(f"- {line}" for line in bars(records))
+    return records, "\n".join(lines) + "\n\n" + table(records) + "\n\n## Bars\n\n" + checks + "\n"
+
+
+#: The GPU issue's bars for the FLUX.1-dev edit at its largest size: (what, limit).
+BARS = {
+    "vs_reference": ("fastest edit / the reference implementation's, same card", 0.70),
+    "eager_overhead": ("eager overhead_ratio (edit / 18 eager forwards)", 1.05),
+    "compiled_overhead": ("compiled overhead_ratio (edit / 18 compiled forwards)", 1.10),
+}
+#: The reference implementation's published 1024² edit on an H200 (bf16), for cards of that name.
+H200_REFERENCE_S = 3.74
+
+
+def bars(records: list[dict]) -> list[str]:
+    """Each bar of the GPU issue as one line: the measured figure and reached / NOT reached, or not
+    measured. Plain configurations only (no cap, offload, quantization or other attention backend)."""
+    model = FLUX_DEV.name if any(r.get("model") == FLUX_DEV.name for r in records) else TINY.name
+    plain = [
+        r
+        for r in records
+        if r.get("model") == model
+        and "error" not in r
+        and not r.get("memory_limit_gib")
+        and r.get("offload") in (None, "none")
+        and r.get("weights") in (None, "native")
+        and r.get("quantize") in (None, "none")
+        and r.get("attention") is None
+        and isinstance(r.get("size"), int)
+    ]
+    sizes = [r["size"] for r in plain if r["kind"] == "edit"]
+    if not sizes:
+        return [f"{name}: not measured" for name, _ in BARS.values()]
+    size = max(sizes)
+
+    def one(kind: str, compiled: bool) -> dict | None:
+        found = [r for r in plain if r["kind"] == kind and r["size"] == size and bool(r.get("compile")) == compiled]
+        return found[-1] if found else None
+
+    eager, compiled, reference = one("edit", False), one("edit", True), one("reference", False)
+    lines = []
+
+    def verdict(key: str, value: float | None, detail: str = "") -> None:
+        name, limit = BARS[key]
+        if value is None:
+            lines.append(f"{name} at {size}²: not measured")
+            return
+        mark = "reached" if value <= limit else "NOT reached"
+        lines.append(f"{name} at {size}²: {value:.3f} (bar <= {limit:.2f}): {mark}{detail}")
+
+    edits = [r for r in (eager, compiled) if r is not None]
+    fastest = min(edits, key=lambda r: r["s"])
+    ratio = fastest["s"] / reference["s"] if reference else None
+    how = "compiled" if fastest.get("compile") else "eager"
+    detail = f"; {how} edit {fastest['s']:.3f} s" + (f", reference {reference['s']:.3f} s" if reference else "")
+    if "H200" in str(fastest.get("card")) and size == 1024:
+        detail += f", {fastest['s'] / H200_REFERENCE_S:.3f} of the published H200 figure ({H200_REFERENCE_S} s)"
+    verdict("vs_reference", ratio, detail)
+    verdict("eager_overhead", eager.get("overhead_ratio") if eager else None)
+    verdict("compiled_overhead", compiled.get("overhead_ratio") if compiled else None)
+    for cap in (22, 14):
+        fits = [
+            r
+            for r in records
+            if r.get("memory_limit_gib") == cap
+            and r.get("model") == model
+            and r.get("kind") in ("edit", "e2e_edit")
+            and r.get("size") == size
+            and "error" not in r
+        ]
+        if fits:
+            best = min(fits, key=lambda r: r["s"])
+            lines.append(
+                f"{size}² edit within {cap} GiB: fits, fastest as {_config(best)} ({best['kind']}): {best['s']:.3f} s"
+            )
+        else:
+            lines.append(f"{size}² edit within {cap} GiB: no configuration measured to fit")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
