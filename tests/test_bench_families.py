@@ -86,9 +86,11 @@ class _FakeEdit:
     def __init__(self, oom: set[str]):
         self.applied: list[str] = []
         self.oom = oom
+        self.calls = 0
+        self.last = None
 
     def weights_gib(self, config: str) -> float:
-        return {"native": 12.0, "fp8": 6.0, "fp8+group": 0.0}[config]
+        return {"native": 12.0, "fp8": 6.0}.get(config, 0.0)
 
     def apply(self, config: str) -> None:
         self.applied.append(config)
@@ -97,7 +99,9 @@ class _FakeEdit:
         current = (["native", *self.applied])[-1]
         if current in self.oom:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return torch.zeros(1)
+        self.calls += 18
+        self.last = torch.zeros(1)
+        return self.last
 
 
 def test_fit_takes_the_first_configuration_that_runs_under_each_cap():
@@ -108,9 +112,19 @@ def test_fit_takes_the_first_configuration_that_runs_under_each_cap():
     # Largest cap first; the smaller cap starts from what fitted the larger one.
     assert summary == [(22, "no fit", "native"), (22, "fit", "fp8"), (14, "fit", "fp8")]
     assert "out of memory" in out[0]["error"] and fake.applied == ["fp8"]
+    assert out[1]["nfe"] == 18 and out[1]["finite"]  # the calls of one edit, counted over the timed runs
+    # Video: the stored features are what is left to move off the card.
     fake = _FakeEdit(oom={"native", "fp8", "fp8+group"})
     out = families.fit(fake, families.parse_args(["--fit", "8"]), {"model": "m"})
-    assert [r["fit"] for r in out[:-1]] == ["native", "fp8", "fp8+group"]
+    assert [(r["kind"], r["fit"]) for r in out] == [
+        ("no fit", "native"),  # by its weights alone: not run
+        ("no fit", "fp8"),
+        ("no fit", "fp8+group"),
+        ("fit", "fp8+group+cpu-features"),
+    ]
+    assert out[-1]["feature_device"] == "cpu" and fake.applied == ["fp8", "fp8+group", "fp8+group+cpu-features"]
+    fake = _FakeEdit(oom=set(families.FIT_CONFIGS))
+    out = families.fit(fake, families.parse_args(["--fit", "8"]), {"model": "m"})
     assert out[-1]["kind"] == "no fit" and "none of" in out[-1]["error"]
 
 

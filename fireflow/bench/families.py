@@ -12,9 +12,9 @@ Per model, at the released pipeline's default size (1024 x 1024; Wan: 480 x 832,
   defaults (its guidance, true CFG where the family has it), in bf16 with nothing offloaded:
   seconds, transformer calls (counted, not assumed), peak memory;
 * ``fit``: for each ``--fit`` cap (22 GiB stands for a 24 GB card, 14 GiB for a 16 GB one), the first
-  configuration of bf16, fp8 weight storage, and fp8 weights with group offloading whose edit runs
-  under the cap, with its time. A configuration whose resident weights alone exceed the cap is
-  recorded as not fitting without being run.
+  configuration of bf16, fp8 weight storage, fp8 weights with group offloading, and that with the
+  stored features in host memory, whose edit runs under the cap, with its time. A configuration
+  whose resident weights alone exceed the cap is recorded as not fitting without being run.
 
 Records use the speed benchmark's JSON and table (``python -m fireflow.bench.speed --summarize``).
 ``--tiny`` runs the same code with each family's test-sized transformer on a CPU.
@@ -40,7 +40,9 @@ GIB = 2**30
 NUM_STEPS = 8
 #: Memory configurations tried under a cap, cheapest in time first; each is applied on top of the
 #: previous one (in place), so one model build serves them all.
-FIT_CONFIGS = ("native", "fp8", "fp8+group")  # native: the compute dtype (bf16 on a GPU)
+#: native: the compute dtype (bf16 on a GPU); cpu-features: the edit's stored attention features in
+#: host memory (``feature_device="cpu"``), which at 81 frames are gigabytes per recorded call.
+FIT_CONFIGS = ("native", "fp8", "fp8+group", "fp8+group+cpu-features")
 
 
 def released() -> dict[str, Released]:
@@ -79,6 +81,8 @@ class FamilyEdit:
         self.target = model.embeds(self.config, 1, text_len, g, device, dtype)
         self.calls = 0
         self.transformer.register_forward_pre_hook(self._count)
+        self.feature_device: str | None = None
+        self.last: torch.Tensor | None = None  # the latest edit's result
 
     def _count(self, module, args) -> None:
         self.calls += 1
@@ -90,7 +94,7 @@ class FamilyEdit:
     def weights_gib(self, config: str) -> float:
         """Resident transformer weights under ``config`` (fp8: one byte per matrix entry; the
         layers diffusers keeps in the compute dtype are few and small)."""
-        if config == "fp8+group":
+        if "group" in config:
             return 0.0
         per = 1 if config == "fp8" else torch.finfo(self.dtype).bits // 8
         return self.params * per / GIB
@@ -98,15 +102,16 @@ class FamilyEdit:
     def edit(self) -> torch.Tensor:
         kwargs = {f"source_{k}": v for k, v in self.source.items()}
         kwargs |= {f"target_{k}": v for k, v in self.target.items()}
-        return self.editor.edit_latents(
-            self.latents, self.height, self.width, num_frames=self.num_frames, num_steps=NUM_STEPS, **kwargs
+        self.last = self.editor.edit_latents(
+            self.latents,
+            self.height,
+            self.width,
+            num_frames=self.num_frames,
+            num_steps=NUM_STEPS,
+            feature_device=self.feature_device,
+            **kwargs,
         )
-
-    def counted_calls(self) -> int:
-        """Transformer calls of one edit (CFG families call twice per velocity)."""
-        self.calls = 0
-        self.edit()
-        return self.calls
+        return self.last
 
     def apply(self, config: str) -> None:
         """Move to ``config`` from the one before it in :data:`FIT_CONFIGS`."""
@@ -114,12 +119,19 @@ class FamilyEdit:
             memory.apply_weights(self.transformer, "fp8", self.dtype)
         elif config == "fp8+group":
             memory.apply_offload(self.transformer, "group", self.device)
+        elif config == "fp8+group+cpu-features":
+            self.feature_device = "cpu"
         speed._free()
 
 
 def _timed(fe: FamilyEdit, args: argparse.Namespace) -> dict:
+    """The edit's median time and peak memory, its transformer calls counted over the same runs
+    (no extra edit: at 81 frames on 14B one takes minutes), and whether its result is finite."""
+    fe.calls = 0
     r = speed.measure(fe.edit, fe.device, args.warmup, args.repeats)
-    return {"s": r["s"], "runs": r["runs"], "peak_memory_gib": r["peak_gib"]}
+    calls = fe.calls // (args.warmup + args.repeats)
+    finite = bool(torch.isfinite(fe.last).all())
+    return {"s": r["s"], "runs": r["runs"], "peak_memory_gib": r["peak_gib"], "nfe": calls, "finite": finite}
 
 
 def _error(e: BaseException) -> str:
@@ -127,8 +139,12 @@ def _error(e: BaseException) -> str:
     return f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """The edit of one released model, then what fits under each ``--fit`` cap."""
+def run_model(
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: list[dict] | None = None
+) -> list[dict]:
+    """The edit of one released model, then what fits under each ``--fit`` cap; records are
+    appended to ``out`` as they are made (a :class:`speed.Results` saves each at once, so a step
+    stopped by its time limit keeps them)."""
     model = released()[name]
     common = {
         "model": name,
@@ -151,25 +167,21 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         "build_s": time.perf_counter() - start,
         "note_shapes": model.note,
     }
-    out = []
+    out = [] if out is None else out
     try:
-        calls = fe.counted_calls()
-        rec = {**common, "kind": "edit", "nfe": calls, **_timed(fe, args)}
-        rec["finite"] = bool(torch.isfinite(fe.edit()).all())
-        out.append(rec)
+        out.append({**common, "kind": "edit", **_timed(fe, args)})
     except RuntimeError as e:  # out of memory is a RuntimeError too
         out.append({**common, "kind": "error", "error": _error(e)})
-        calls = None
     speed._free()
-    out += fit(fe, args, {**common, "nfe": calls})
+    fit(fe, args, common, out)
     return out
 
 
-def fit(fe: FamilyEdit, args: argparse.Namespace, common: dict) -> list[dict]:
+def fit(fe: FamilyEdit, args: argparse.Namespace, common: dict, out: list[dict] | None = None) -> list[dict]:
     """Per cap, largest first: the first of :data:`FIT_CONFIGS` whose edit runs under it. The
     configurations only go forward (each is applied on top of the last), and a smaller cap starts
     from the one that fitted the larger."""
-    out: list[dict] = []
+    out = [] if out is None else out
     applied = index = 0  # FIT_CONFIGS[0] is the model as built
     for cap in sorted(args.fit, reverse=True):
         rec = {**common, "memory_limit_gib": cap}
@@ -200,7 +212,8 @@ def fit(fe: FamilyEdit, args: argparse.Namespace, common: dict) -> list[dict]:
 
 def _fit_fields(config: str) -> dict:
     """The speed table's configuration fields for a fit configuration."""
-    return {"weights": "fp8" if "fp8" in config else "native", "offload": "group" if "group" in config else "none"}
+    fields = {"weights": "fp8" if "fp8" in config else "native", "offload": "group" if "group" in config else "none"}
+    return fields | ({"feature_device": "cpu"} if "cpu-features" in config else {})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     records = speed.Results(args)
     for name in args.models or list(models):
-        records.add(run_model(name, args, device, dtype))
+        run_model(name, args, device, dtype, records)
         speed._free()
     print(speed.table(records))
     path = records.save()

@@ -292,6 +292,10 @@ class Results(list):
         self.extend(records)
         self.save()
 
+    def append(self, record: dict) -> None:
+        super().append(record)
+        self.save()
+
     def save(self) -> Path | None:
         if self.args.out is None:
             return None
@@ -574,6 +578,8 @@ def _config(r: dict) -> str:
         bits.append(r["quantize"])
     if r.get("offload") not in (None, "none"):
         bits.append(f"offload={r['offload']}")
+    if r.get("feature_device") == "cpu":
+        bits.append("features=cpu")
     if r.get("compile"):
         bits.append("compiled")
     if r.get("attention"):
