@@ -129,9 +129,10 @@ def test_fit_takes_the_first_configuration_that_runs_under_each_cap():
 
 
 def test_unknown_model_and_bad_caps_are_refused(capsys):
-    for argv in (["--models", "sd4"], ["--fit", "-1"]):
+    for argv in (["--models", "sd4"], ["--fit", "-1"], ["--repeats", "0"]):
         with pytest.raises(SystemExit) as e:
             families.parse_args(argv)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown model 'sd4'; accepted: flux.1-dev" in err and "--fit takes positive GiB" in err
+    assert "--repeats takes 1 or more" in err

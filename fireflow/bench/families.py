@@ -157,8 +157,13 @@ def run_model(
         "clock": "wall, CUDA-synchronised" if device.type == "cuda" else "process CPU time",
         **speed._versions(),
     }
+    out = [] if out is None else out
     start = time.perf_counter()
-    fe = FamilyEdit(name, model, args.tiny, device, dtype)
+    try:
+        fe = FamilyEdit(name, model, args.tiny, device, dtype)
+    except RuntimeError as e:  # its weights do not fit the card: a result too
+        out.append({**common, "kind": "error", "error": f"building it: {_error(e)}"})
+        return out
     common |= {
         "size": f"{fe.width}x{fe.height}" + (f"x{fe.num_frames}" if fe.num_frames else ""),
         "params_b": fe.params / 1e9,
@@ -167,7 +172,6 @@ def run_model(
         "build_s": time.perf_counter() - start,
         "note_shapes": model.note,
     }
-    out = [] if out is None else out
     try:
         out.append({**common, "kind": "edit", **_timed(fe, args)})
     except RuntimeError as e:  # out of memory is a RuntimeError too
@@ -236,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown model {name!r}; accepted: {', '.join(known)}")
     if any(cap <= 0 for cap in args.fit):
         p.error(f"--fit takes positive GiB, got {args.fit}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats takes 1 or more and --warmup 0 or more, got {args.repeats} and {args.warmup}")
     return args
 
 
