@@ -136,3 +136,18 @@ def test_unknown_model_and_bad_caps_are_refused(capsys):
     err = capsys.readouterr().err
     assert "unknown model 'sd4'; accepted: flux.1-dev" in err and "--fit takes positive GiB" in err
     assert "--repeats takes 1 or more" in err
+
+
+def test_released_widths_run_shallow(tmp_path):
+    # The released configs' widths (text, pooled, channels, heads) with one block of each kind: the
+    # conditioning's shapes must fit the real model, not only the tiny one. The two cheapest here;
+    # docs/speed.md gives the command that checks all of them (about 4 minutes).
+    argv = ["--models", "sd3.5-medium", "wan2.1-1.3b", "--layers", "1", "--height", "32", "--width", "32"]
+    argv += ["--num-frames", "5", "--text-len", "8", "--device", "cpu", "--warmup", "0", "--repeats", "1"]
+    assert families.main([*argv, "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "speed-families.json").read_text())["records"]
+    assert [(r["model"], r["kind"], r["finite"], r["layers"]) for r in records] == [
+        ("sd3.5-medium", "edit", True, 1),
+        ("wan2.1-1.3b", "edit", True, 1),
+    ]
+    assert records[1]["latent_shape"] == [1, 16, 2, 4, 4] and records[0]["latent_shape"] == [1, 16, 4, 4]

@@ -43,6 +43,9 @@ NUM_STEPS = 8
 #: native: the compute dtype (bf16 on a GPU); cpu-features: the edit's stored attention features in
 #: host memory (``feature_device="cpu"``), which at 81 frames are gigabytes per recorded call.
 FIT_CONFIGS = ("native", "fp8", "fp8+group", "fp8+group+cpu-features")
+#: diffusers' config names for a transformer's depth (blocks of each kind), which ``--layers`` sets
+#: to build the released widths shallow: every shape the conditioning must match, at a CPU's cost.
+DEPTH_KEYS = ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers")
 
 
 def released() -> dict[str, Released]:
@@ -56,13 +59,26 @@ def released() -> dict[str, Released]:
 class FamilyEdit:
     """One released model with random weights, its editor, and random inputs of its default size."""
 
-    def __init__(self, name: str, model: Released, tiny: bool, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        name: str,
+        model: Released,
+        tiny: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        sizes: dict[str, int | None] | None = None,
+        layers: int | None = None,
+    ):
+        """``sizes``: ``height``, ``width``, ``num_frames`` or ``text_len`` instead of the released
+        pipeline's (None: keep it), e.g. the full-size model at a toy size to check its shapes on a CPU."""
         import diffusers
 
         from fireflow.editor import FireFlowEditor
 
         self.name, self.model, self.device, self.dtype = name, model, device, dtype
-        self.config = model.tiny if tiny else model.config
+        self.config = dict(model.tiny if tiny else model.config)
+        if layers is not None:
+            self.config |= {k: layers for k in DEPTH_KEYS if k in self.config}
         cls = getattr(diffusers, model.transformer)
         self.transformer = materialize(lambda: cls(**self.config), device, dtype)
         self.editor = FireFlowEditor(transformer=self.transformer)
@@ -73,6 +89,13 @@ class FamilyEdit:
             text_len = 8
         else:
             height, width, frames, text_len = model.height, model.width, model.num_frames, model.text_len
+        given = {k: v for k, v in (sizes or {}).items() if v is not None}
+        height, width, text_len = (
+            given.get("height", height),
+            given.get("width", width),
+            given.get("text_len", text_len),
+        )
+        frames = given.get("num_frames", frames) if model.num_frames else None
         self.height, self.width, self.num_frames, self.text_len = height, width, frames, text_len
         geometry = a.default_geometry(height, width, frames)
         g = torch.Generator(device).manual_seed(0)
@@ -160,7 +183,8 @@ def run_model(
     out = [] if out is None else out
     start = time.perf_counter()
     try:
-        fe = FamilyEdit(name, model, args.tiny, device, dtype)
+        sizes = {k: getattr(args, k) for k in ("height", "width", "num_frames", "text_len")}
+        fe = FamilyEdit(name, model, args.tiny, device, dtype, sizes, args.layers)
     except RuntimeError as e:  # its weights do not fit the card: a result too
         out.append({**common, "kind": "error", "error": f"building it: {_error(e)}"})
         return out
@@ -171,6 +195,7 @@ def run_model(
         "text_len": fe.text_len,
         "build_s": time.perf_counter() - start,
         "note_shapes": model.note,
+        "layers": args.layers,
     }
     try:
         out.append({**common, "kind": "edit", **_timed(fe, args)})
@@ -226,6 +251,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the released models and exit")
     p.add_argument("--fit", type=float, nargs="*", default=[], metavar="GIB", help="memory caps to fit under")
     p.add_argument("--tiny", action="store_true", help="each family's test-sized transformer: the same code, on a CPU")
+    p.add_argument("--height", type=int, help="instead of the released pipeline's default")
+    p.add_argument("--width", type=int, help="instead of the released pipeline's default")
+    p.add_argument("--num-frames", type=int, help="video models: instead of 81")
+    p.add_argument("--text-len", type=int, help="text tokens per prompt instead of the pipeline's")
+    p.add_argument("--layers", type=int, help="blocks of each kind instead of the released depth (a shape check)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--warmup", type=int, default=1)
