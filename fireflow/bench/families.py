@@ -61,7 +61,6 @@ class FamilyEdit:
 
     def __init__(
         self,
-        name: str,
         model: Released,
         tiny: bool,
         device: torch.device,
@@ -75,7 +74,7 @@ class FamilyEdit:
 
         from fireflow.editor import FireFlowEditor
 
-        self.name, self.model, self.device, self.dtype = name, model, device, dtype
+        self.device, self.dtype = device, dtype
         self.config = dict(model.tiny if tiny else model.config)
         if layers is not None:
             self.config |= {k: layers for k in DEPTH_KEYS if k in self.config}
@@ -184,7 +183,7 @@ def run_model(
     start = time.perf_counter()
     try:
         sizes = {k: getattr(args, k) for k in ("height", "width", "num_frames", "text_len")}
-        fe = FamilyEdit(name, model, args.tiny, device, dtype, sizes, args.layers)
+        fe = FamilyEdit(model, args.tiny, device, dtype, sizes, args.layers)
     except RuntimeError as e:  # its weights do not fit the card: a result too
         out.append({**common, "kind": "error", "error": f"building it: {_error(e)}"})
         return out
@@ -283,12 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             frames = f", {m.num_frames} frames" if m.num_frames else ""
             print(f"{name:16s} {m.repo} ({m.transformer}, {m.width}x{m.height}{frames})")
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("fp32" if device.type == "cpu" else "bf16")
-    ]
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device, dtype = speed.device_and_dtype(args)
     records = speed.Results(args)
     for name in args.models or list(models):
         run_model(name, args, device, dtype, records)

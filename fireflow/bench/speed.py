@@ -319,15 +319,22 @@ def _prepare_weights(transformer: torch.nn.Module, args: argparse.Namespace, dty
     return None
 
 
-def run(args: argparse.Namespace) -> Results:
-    """Every measurement one invocation asks for, as flat JSON records."""
-    spec = TINY if args.tiny else FLUX_DEV
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """``--device`` (default: cuda when available) and ``--dtype`` (default: bf16 on a GPU, fp32 on a
+    CPU); a CPU benchmark runs on ``--threads`` threads (this is the benchmark's own process)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     ]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    return device, dtype
+
+
+def run(args: argparse.Namespace) -> Results:
+    """Every measurement one invocation asks for, as flat JSON records."""
+    spec = TINY if args.tiny else FLUX_DEV
+    device, dtype = device_and_dtype(args)
     if args.forwards is None:
         # A GPU's timings are steady; a shared CPU's are not, and a block as long as an edit evens them out.
         args.forwards = 3 if device.type == "cuda" else 2 * solvers.nfe("fireflow", NUM_STEPS)

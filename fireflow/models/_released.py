@@ -43,3 +43,13 @@ def text(config: dict, key: str, batch: int, text_len: int, g: torch.Generator, 
 def with_negative(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same conditioning again under ``negative_`` names (the CFG families' empty prompt)."""
     return {**embeds, **{f"negative_{k}": v.clone() for k, v in embeds.items()}}
+
+
+def prompt_and_negative(width_key: str) -> EmbedsFn:
+    """The conditioning of a CFG family that takes text hidden states alone (no pooled embedding, no
+    mask needed for one prompt), ``config[width_key]`` wide, and the negative prompt's."""
+
+    def embeds(config: dict, batch: int, text_len: int, g: torch.Generator, device, dtype) -> dict[str, torch.Tensor]:
+        return with_negative({"prompt_embeds": text(config, width_key, batch, text_len, g, device, dtype)})
+
+    return embeds

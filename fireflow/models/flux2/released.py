@@ -17,7 +17,7 @@ def embeds(config: dict, batch: int, text_len: int, g: torch.Generator, device, 
 
 _COMMON = dict(patch_size=1, in_channels=128, out_channels=None, attention_head_dim=128, timestep_guidance_channels=256)
 _COMMON |= dict(mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6)
-_KLEIN = "timed as [klein] base (CFG, two calls a velocity); the distilled checkpoint runs without CFG: half the calls"
+_KLEIN = "timed as [klein] base (CFG, its two branches batched); the distilled checkpoint runs without CFG: batch 1"
 
 RELEASED = {
     "flux2-klein-4b": Released(

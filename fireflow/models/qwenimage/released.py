@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from fireflow.models._released import Released, text, with_negative
+from fireflow.models._released import Released, prompt_and_negative
 from fireflow.models.qwenimage.tiny import TINY_TRANSFORMER
 
-
-def embeds(config: dict, batch: int, text_len: int, g: torch.Generator, device, dtype) -> dict[str, torch.Tensor]:
-    """Qwen2.5-VL's last hidden states, unpadded (one prompt needs no mask), and the negative
-    prompt's for true CFG."""
-    return with_negative({"prompt_embeds": text(config, "joint_attention_dim", batch, text_len, g, device, dtype)})
+#: Qwen2.5-VL's last hidden states, unpadded (one prompt needs no mask), and the negative prompt's.
+embeds = prompt_and_negative("joint_attention_dim")
 
 
 RELEASED = {

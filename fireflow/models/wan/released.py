@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from fireflow.models._released import Released, text, with_negative
+from fireflow.models._released import Released, prompt_and_negative
 from fireflow.models.wan.tiny import TINY_TRANSFORMER
 
-
-def embeds(config: dict, batch: int, text_len: int, g: torch.Generator, device, dtype) -> dict[str, torch.Tensor]:
-    """UMT5-XXL's hidden states zero-padded to 512 tokens, and the negative prompt's (CFG)."""
-    return with_negative({"prompt_embeds": text(config, "text_dim", batch, text_len, g, device, dtype)})
+#: UMT5-XXL's hidden states zero-padded to 512 tokens, and the negative prompt's.
+embeds = prompt_and_negative("text_dim")
 
 
 _COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096)

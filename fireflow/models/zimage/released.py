@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from fireflow.models._released import Released, text, with_negative
+from fireflow.models._released import Released, prompt_and_negative
 from fireflow.models.zimage.tiny import TINY_TRANSFORMER
 
-
-def embeds(config: dict, batch: int, text_len: int, g: torch.Generator, device, dtype) -> dict[str, torch.Tensor]:
-    """Qwen3-4B's hidden states (unpadded: equal lengths need no mask), and the negative's (CFG)."""
-    return with_negative({"prompt_embeds": text(config, "cap_feat_dim", batch, text_len, g, device, dtype)})
+#: Qwen3-4B's hidden states (unpadded: equal lengths need no mask), and the negative prompt's.
+embeds = prompt_and_negative("cap_feat_dim")
 
 
 RELEASED = {
