@@ -126,9 +126,11 @@ step() {
     run_step fireflow.bench.speed "$@"
 }
 
-# fstep NAME ESTIMATE_S LIMIT_S ARGS...: the same with the families benchmark (tier 2).
+# fstep MODEL ESTIMATE_S LIMIT_S ARGS...: step fam-MODEL, the families benchmark on one released model (tier 2).
 fstep() {
-    run_step fireflow.bench.families "$@"
+    local model=$1
+    shift
+    run_step fireflow.bench.families "fam-$model" "$@" --models "$model"
 }
 
 run_step() {
@@ -169,17 +171,17 @@ step bf16-22 30 90 --memory-limit-gib 22 "${FIT[@]}" --repeats 1
 
 # Tier 2. Estimates for an H100 (bf16 build, one timed edit after a warm-up, then the two caps).
 FAM=(--fit 22 14 --warmup 1 --repeats 1)
-fstep fam-sd3.5-medium 50 150 --models sd3.5-medium "${FAM[@]}"
-fstep fam-flux2-klein-4b 60 150 --models flux2-klein-4b "${FAM[@]}"
-fstep fam-z-image-turbo 70 180 --models z-image-turbo "${FAM[@]}"
-fstep fam-sd3.5-large 90 200 --models sd3.5-large "${FAM[@]}"
-fstep fam-chroma1-hd 100 240 --models chroma1-hd "${FAM[@]}"
-fstep fam-flux2-klein-9b 100 240 --models flux2-klein-9b "${FAM[@]}"
-fstep fam-wan2.1-1.3b 150 300 --models wan2.1-1.3b "${FAM[@]}"
-fstep fam-qwen-image 180 360 --models qwen-image "${FAM[@]}"
-fstep fam-flux2-dev 240 480 --models flux2-dev --fit 22 14 --warmup 0 --repeats 1
+fstep sd3.5-medium 50 150 "${FAM[@]}"
+fstep flux2-klein-4b 60 150 "${FAM[@]}"
+fstep z-image-turbo 70 180 "${FAM[@]}"
+fstep sd3.5-large 90 200 "${FAM[@]}"
+fstep chroma1-hd 100 240 "${FAM[@]}"
+fstep flux2-klein-9b 100 240 "${FAM[@]}"
+fstep wan2.1-1.3b 150 300 "${FAM[@]}"
+fstep qwen-image 180 360 "${FAM[@]}"
+fstep flux2-dev 240 480 --fit 22 14 --warmup 0 --repeats 1
 # About 2 minutes an edit at 81 frames: a call of its own (STEPS=fam-wan2.1-14b); records are kept as made.
-fstep fam-wan2.1-14b 540 590 --models wan2.1-14b --fit 22 --warmup 0 --repeats 1
+fstep wan2.1-14b 540 590 --fit 22 --warmup 0 --repeats 1
 
 # Tier 3.
 if "$PY" -c "import torchao" 2>/dev/null; then
